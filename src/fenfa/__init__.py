@@ -1,0 +1,36 @@
+"""fenfa (分发, "dispatch"): run a function over many inputs on the right executor.
+
+See DESIGN.md for the contract; this module only re-exports the public names.
+"""
+
+from .api import Executor, imap, imap_unordered, map, run, starmap
+from .errors import (
+    BackendUnavailable,
+    FenfaError,
+    PoolClosed,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from .pool import Pool
+from .worker import WorkerInfo, current_worker
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BackendUnavailable",
+    "Executor",
+    "FenfaError",
+    "Pool",
+    "PoolClosed",
+    "SerializationError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "WorkerInfo",
+    "current_worker",
+    "imap",
+    "imap_unordered",
+    "map",
+    "run",
+    "starmap",
+]

@@ -1,0 +1,131 @@
+"""Module-level calls: ``fenfa.map(fn, xs)`` and friends, on reused pools.
+
+Each distinct ``(backend, workers)`` gets one default pool, started on first
+use and kept for the next call (as loky's reusable executor), so a script
+that calls ``fenfa.map`` a hundred times pays the start-up once. The pools are
+shut down when the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+from .pool import POOL_ONLY_OPTIONS, Pool, resolve_backend
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_defaults: dict[tuple[str, int | None], Pool] = {}
+_defaults_lock = threading.Lock()
+
+
+def _split(options: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
+    for name in POOL_ONLY_OPTIONS:
+        if name in options:
+            raise TypeError(f"{name!r} is a Pool option: use `with fenfa.Pool({name}=...) "
+                            f"as pool:` and call the pool's methods")
+    backend = options.pop("backend", "auto")
+    workers = options.pop("workers", None)
+    return backend, workers, options
+
+
+def _default_pool(backend: str, workers: int | None) -> Pool:
+    key = (resolve_backend(backend, workers), workers)
+    with _defaults_lock:
+        pool = _defaults.get(key)
+        if pool is None:
+            pool = _defaults[key] = Pool(key[0], workers)
+        return pool
+
+
+@atexit.register
+def _shutdown_default_pools() -> None:
+    """Shut down every default pool (at exit; tests call it to check for leaks)."""
+    with _defaults_lock:
+        pools = list(_defaults.values())
+        _defaults.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def map(fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> list[R]:
+    """Like ``builtins.map`` but on workers, returning a list in input order.
+
+    Options: ``backend``, ``workers``, ``chunksize``, ``window``, ``retries``,
+    ``on_error``. Several iterables stop at the shortest, as ``builtins.map``.
+    """
+    backend, workers, rest = _split(options)
+    return _default_pool(backend, workers).map(fn, *iterables, **rest)
+
+
+def imap(fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
+    """Lazy, ordered results; the input is pulled at most ``window`` items ahead."""
+    backend, workers, rest = _split(options)
+    return _default_pool(backend, workers).imap(fn, *iterables, **rest)
+
+
+def imap_unordered(fn: Callable[..., R], *iterables: Iterable[Any],
+                   **options: Any) -> Iterator[R]:
+    """Lazy results in the order they finish."""
+    backend, workers, rest = _split(options)
+    return _default_pool(backend, workers).imap_unordered(fn, *iterables, **rest)
+
+
+def starmap(fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: Any) -> list[R]:
+    """``[fn(*args) for args in iterable]`` on workers."""
+    backend, workers, rest = _split(options)
+    return _default_pool(backend, workers).starmap(fn, iterable, **rest)
+
+
+def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """``fn(*args, **kwargs)`` in a worker of the default pool; returns its result.
+
+    The keyword ``backend`` (default ``"auto"``) is fenfa's, every other
+    keyword goes to ``fn``.
+    """
+    backend = kwargs.pop("backend", "auto")
+    return _default_pool(str(backend), None).submit(fn, *args, **kwargs).result()
+
+
+class Executor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` with fenfa underneath.
+
+    Drop-in for ``ProcessPoolExecutor``/``ThreadPoolExecutor`` code:
+    ``submit``, ``map`` and ``shutdown`` behave as the standard library's, and
+    it works with ``wait``, ``as_completed`` and ``loop.run_in_executor``.
+    Unlike the standard library's, ``map`` pulls its input lazily (at most a
+    window ahead) instead of submitting everything at once.
+    """
+
+    def __init__(self, max_workers: int | None = None, *, backend: str = "process",
+                 **pool_options: Any) -> None:
+        self._pool = Pool(backend, max_workers, **pool_options)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int | None = None) -> Iterator[R]:
+        """Results in order; ``timeout`` bounds the whole iteration, as in the stdlib."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        options = {} if chunksize is None else {"chunksize": chunksize}
+        run = self._pool._spread(fn, iterables, True, False, options)
+        run._deadline = deadline
+        run.fill()  # start work now, as the standard library's map does
+        return run.results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+__all__ = ["Executor", "imap", "imap_unordered", "map", "run", "starmap"]

@@ -1,0 +1,59 @@
+"""The backend registry: a name, the module that implements it, imported lazily.
+
+``auto`` is not a backend of its own: the pool resolves it to one of these.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from .base import Backend
+
+# name -> (module, class, the extra that provides its dependencies)
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "serial": ("serial", "SerialBackend", None),
+    "thread": ("thread", "ThreadBackend", None),
+    "process": ("process", "ProcessBackend", None),
+}
+# Named by the design but not built yet; asking for one says so plainly.
+_PLANNED = ("async", "dask")
+
+BACKENDS = ("auto", *_REGISTRY)
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(backend: str) -> int:
+    if backend == "serial":
+        return 1
+    if backend == "process":
+        return usable_cores()
+    # Threads wait more than they compute: as concurrent.futures sizes them.
+    return min(32, usable_cores() + 4)
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or (name not in BACKENDS and name not in _PLANNED):
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if name in _PLANNED:
+        raise ValueError(f"backend {name!r} is not available in this version of fenfa yet; "
+                         f"choose one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_class(name: str) -> type[Backend]:
+    module_name, class_name, _extra = _REGISTRY[name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls: type[Backend] = getattr(module, class_name)
+    return cls
+
+
+__all__ = ["BACKENDS", "Backend", "backend_class", "check_name", "default_workers",
+           "usable_cores"]

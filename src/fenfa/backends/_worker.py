@@ -1,0 +1,196 @@
+"""The child side of the process backend: one loop, one pipe, no threads.
+
+This module is what a worker process imports (and what the forkserver
+preloads), so it imports little. Messages in both directions are *frames*:
+one kind byte, a 4-byte header length, a pickled header, then a body whose
+pickling may fail on its own (the header always gets through, so the other
+side always knows which tasks a failed body stood for).
+
+Parent -> worker::
+
+    FUNC   header (key,)                                    body: cloudpickled function
+    BATCH  header (batch_id, key, style, start, count, stream)  body: pickled items
+    STOP   -
+
+Worker -> parent::
+
+    RESULT      header (batch_id, busy_seconds, spans)   body: one payload per span
+                 spans: [(start, count, ok)]; ok -> a list of values, else a packed exception
+    RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
+    INIT_FAILED header packed exception from the initializer
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ..errors import SerializationError, pack_exception
+from ..tasks import Err, Ok, Piece, Style, caller, run_batch
+from ..worker import set_slot
+
+FUNC, BATCH, STOP, RESULT, RETIRE, INIT_FAILED = b"F", b"B", b"S", b"R", b"T", b"I"
+_HLEN = struct.Struct("!I")
+
+# Functions kept per worker, least recently used dropped first. The parent
+# mirrors this cache exactly (same size, same order of use), so it knows
+# without asking whether a worker still holds a function.
+FUNCTION_CACHE_SIZE = 32
+
+
+def frame(kind: bytes, header: Any, body: bytes = b"") -> bytes:
+    head = pickle.dumps(header, protocol=5)
+    return b"".join((kind, _HLEN.pack(len(head)), head, body))
+
+
+def unframe(message: bytes) -> tuple[bytes, Any, memoryview]:
+    view = memoryview(message)
+    (hlen,) = _HLEN.unpack_from(view, 1)
+    header = pickle.loads(view[5:5 + hlen])
+    return message[:1], header, view[5 + hlen:]
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with the standard library (fast); cloudpickle only when that fails."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
+
+
+def encode_results(pieces: list[Piece]) -> tuple[list[tuple[int, int, bool]], bytes]:
+    """Spans and body for a RESULT frame; a value that will not pickle fails its task only."""
+    spans = [(p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False)
+             for p in pieces]
+    payloads = [p.values if isinstance(p, Ok) else p.error for p in pieces]
+    try:
+        return spans, dumps(payloads)
+    except Exception:
+        pass
+    # Slow path: find the values that do not pickle and fail those tasks alone.
+    fixed: list[Piece] = []
+    for piece in pieces:
+        if isinstance(piece, Err):
+            fixed.append(piece)
+            continue
+        for offset, value in enumerate(piece.values):
+            index = piece.start + offset
+            try:
+                dumps(value)
+            except Exception as exc:
+                error = SerializationError(
+                    f"the result of task {index} could not be pickled: "
+                    f"{type(exc).__name__}: {exc}", index=index, what="result")
+                fixed.append(Err(index, pack_exception(error)))
+            else:
+                fixed.append(Ok(index, [value]))
+    spans = [(p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False)
+             for p in fixed]
+    return spans, dumps([p.values if isinstance(p, Ok) else p.error for p in fixed])
+
+
+class _Reporter:
+    """Sends a batch's pieces: each at once when streaming, else all at the end."""
+
+    def __init__(self, send: Callable[[bytes], None], batch_id: int, stream: bool) -> None:
+        self.send = send
+        self.batch_id = batch_id
+        self.stream = stream
+        self.pieces: list[Piece] = []
+        self.last = time.perf_counter()
+
+    def emit(self, piece: Piece) -> None:
+        self.pieces.append(piece)
+        if self.stream:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pieces:
+            now = time.perf_counter()
+            spans, data = encode_results(self.pieces)
+            self.send(frame(RESULT, (self.batch_id, now - self.last, spans), data))
+            self.pieces.clear()
+            self.last = now
+
+
+def _serve_batch(send: Callable[[bytes], None], fn: Callable[..., Any] | BaseException,
+                 header: Any, body: memoryview, budget: int | None) -> int:
+    """Run one BATCH frame and report it; returns how many tasks ran."""
+    batch_id, _key, style, start, count, stream = header
+    reporter = _Reporter(send, batch_id, stream)
+    try:
+        if isinstance(fn, BaseException):
+            raise fn
+        items = pickle.loads(body)
+    except BaseException as exc:
+        error = exc if isinstance(exc, SerializationError) else SerializationError(
+            f"the arguments of tasks {start}..{start + count - 1} could not be "
+            f"unpickled in the worker: {type(exc).__name__}: {exc}", what="argument")
+        packed = pack_exception(error)
+        spans = [(start + i, 1, False) for i in range(count)]
+        send(frame(RESULT, (batch_id, 0.0, spans), dumps([packed] * count)))
+        return 0
+    if budget is not None and budget < count:
+        items = items[:budget]
+    ran = run_batch(caller(fn, Style(style)), start, items, reporter.emit, stream,
+                    pack_exception)
+    reporter.flush()
+    return ran
+
+
+def worker_main(conn: Any, worker_id: int, setup: bytes | None,
+                max_tasks: int | None) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides what it
+    # means and stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    state: dict[str, Any] = {}
+    set_slot(worker_id, "process", state)
+    send = conn.send_bytes
+    if setup is not None:
+        try:
+            initializer, initargs = cloudpickle.loads(setup)
+            initializer(*initargs)
+        except BaseException as exc:
+            send(frame(INIT_FAILED, pack_exception(exc)))
+            return
+    functions: OrderedDict[bytes, Callable[..., Any] | BaseException] = OrderedDict()
+    budget = max_tasks
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        kind, header, body = unframe(message)
+        if kind == FUNC:
+            (key,) = header
+            try:
+                functions[key] = cloudpickle.loads(body)
+            except BaseException as exc:
+                functions[key] = SerializationError(
+                    f"the function could not be unpickled in the worker: "
+                    f"{type(exc).__name__}: {exc}", what="function")
+            if len(functions) > FUNCTION_CACHE_SIZE:
+                functions.popitem(last=False)
+            continue
+        if kind == STOP:
+            return
+        key = header[1]
+        fn = functions[key]
+        functions.move_to_end(key)
+        ran = _serve_batch(send, fn, header, body, budget)
+        if budget is not None:
+            budget -= ran
+            if budget <= 0:
+                send(frame(RETIRE, (header[0],)))
+                conn.close()
+                return
+
+
+__all__ = ["frame", "unframe", "worker_main"]

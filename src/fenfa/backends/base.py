@@ -1,0 +1,57 @@
+"""The interface every backend implements.
+
+A backend owns workers and runs *batches* (see :mod:`fenfa.tasks`) on them.
+It knows nothing of windows, chunk sizes, retries or ordering: the pool does
+all of that once, above every backend. What a backend promises:
+
+- ``submit(batch)`` never blocks for long and never runs user code in a
+  thread that holds a fenfa lock. The serial backend is the exception by
+  design: it runs the batch right there, in the caller.
+- Before it starts a batch it asks ``batch.job.claim()``; a batch whose job
+  was cancelled (a consumer stopped early, a future was cancelled) is dropped.
+- Every task of every claimed batch is reported exactly once through
+  ``batch.job.deliver``, as a success or as a failure: none is lost.
+- ``shutdown`` is idempotent and, with ``wait=True``, returns only when every
+  thread and process it started is gone.
+
+Cancellation, per backend: serial runs in the caller, so there is nothing to
+cancel but the batches not yet started; a thread cannot be stopped, so a
+running task finishes and its result is discarded; a process worker can be
+killed (the pool does so on timeouts and at a forced shutdown).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from ..tasks import Batch
+
+
+class Backend(abc.ABC):
+    """Runs batches on workers. One instance per pool."""
+
+    name: ClassVar[str]
+    #: Whether results must cross a process boundary (so must be picklable).
+    remote: ClassVar[bool] = False
+
+    def __init__(self, workers: int, *, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple[Any, ...] = (),
+                 max_tasks_per_worker: int | None = None) -> None:
+        self.workers = workers
+        self.initializer = initializer
+        self.initargs = initargs
+        self.max_tasks_per_worker = max_tasks_per_worker
+
+    @abc.abstractmethod
+    def submit(self, batch: Batch, *, urgent: bool = False) -> None:
+        """Queue ``batch`` to run; ``urgent`` puts it ahead of queued work (retries)."""
+
+    @abc.abstractmethod
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the workers once queued work is done; idempotent."""
+
+    def idle(self) -> bool:
+        """True when nothing is queued or running."""
+        return True

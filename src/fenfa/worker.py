@@ -1,0 +1,77 @@
+"""Who is running the current task: :func:`current_worker` and its record.
+
+Every backend marks the thread that runs tasks with a *slot* (worker id,
+backend name, and the worker's ``state`` dict). A process worker marks its
+main thread once; a thread worker marks itself; the serial backend marks the
+caller's thread only while a task runs. Outside any task the caller gets a
+record describing itself, with ``id`` and ``backend`` set to ``None``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["WorkerInfo", "current_worker"]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who runs the current task.
+
+    ``state`` is a dict that lives as long as the worker: put a connection or
+    a loaded model there (an ``initializer`` can fill it before the first task).
+    """
+
+    id: int | None
+    pid: int
+    process_name: str
+    thread_name: str
+    backend: str | None
+    state: dict[str, Any] = field(repr=False, compare=False)
+
+
+class _Slot:
+    __slots__ = ("backend", "id", "state")
+
+    def __init__(self, worker_id: int | None, backend: str | None,
+                 state: dict[str, Any]) -> None:
+        self.id = worker_id
+        self.backend = backend
+        self.state = state
+
+
+_local = threading.local()
+
+
+def set_slot(worker_id: int | None, backend: str | None,
+             state: dict[str, Any]) -> _Slot | None:
+    """Mark the calling thread as a worker; returns the previous mark."""
+    previous: _Slot | None = getattr(_local, "slot", None)
+    _local.slot = _Slot(worker_id, backend, state)
+    return previous
+
+
+def restore_slot(previous: _Slot | None) -> None:
+    _local.slot = previous
+
+
+def current_worker() -> WorkerInfo:
+    """Describe the worker running the calling code (or the caller itself)."""
+    slot: _Slot | None = getattr(_local, "slot", None)
+    if slot is None:
+        # The caller, outside any task: give it a state dict of its own too,
+        # so code that uses ``state`` runs unchanged outside fenfa.
+        slot = _Slot(None, None, {})
+        _local.slot = slot
+    return WorkerInfo(
+        id=slot.id,
+        pid=os.getpid(),
+        process_name=multiprocessing.current_process().name,
+        thread_name=threading.current_thread().name,
+        backend=slot.backend,
+        state=slot.state,
+    )
