@@ -27,8 +27,10 @@ _defaults_lock = threading.Lock()
 def _split(options: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
     for name in POOL_ONLY_OPTIONS:
         if name in options:
-            raise TypeError(f"{name!r} is a Pool option: use `with fenfa.Pool({name}=...) "
-                            f"as pool:` and call the pool's methods")
+            raise TypeError(
+                f"{name!r} is a Pool option: use `with fenfa.Pool({name}=...) "
+                f"as pool:` and call the pool's methods"
+            )
     backend = options.pop("backend", "auto")
     workers = options.pop("workers", None)
     return backend, workers, options
@@ -69,8 +71,7 @@ def imap(fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Ite
     return _default_pool(backend, workers).imap(fn, *iterables, **rest)
 
 
-def imap_unordered(fn: Callable[..., R], *iterables: Iterable[Any],
-                   **options: Any) -> Iterator[R]:
+def imap_unordered(fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
     """Lazy results in the order they finish."""
     backend, workers, rest = _split(options)
     return _default_pool(backend, workers).imap_unordered(fn, *iterables, **rest)
@@ -102,20 +103,27 @@ class Executor(concurrent.futures.Executor):
     window ahead) instead of submitting everything at once.
     """
 
-    def __init__(self, max_workers: int | None = None, *, backend: str = "process",
-                 **pool_options: Any) -> None:
+    def __init__(
+        self, max_workers: int | None = None, *, backend: str = "process", **pool_options: Any
+    ) -> None:
         self._pool = Pool(backend, max_workers, **pool_options)
 
     @property
     def pool(self) -> Pool:
         return self._pool
 
-    def submit(self, fn: Callable[P, R], /, *args: P.args,
-               **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
+    def submit(
+        self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[R]:
         return self._pool.submit(fn, *args, **kwargs)
 
-    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int | None = None) -> Iterator[R]:
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[R]:
         """Results in order; ``timeout`` bounds the whole iteration, as in the stdlib."""
         deadline = None if timeout is None else time.monotonic() + timeout
         options = {} if chunksize is None else {"chunksize": chunksize}

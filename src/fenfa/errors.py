@@ -58,8 +58,9 @@ class PoolClosed(FenfaError, RuntimeError):
 class WorkerCrashed(FenfaError, RuntimeError):
     """The worker running a task died (killed by a signal or exited)."""
 
-    def __init__(self, message: str, *, index: int | None = None,
-                 exitcode: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, index: int | None = None, exitcode: int | None = None
+    ) -> None:
         super().__init__(message)
         self.index = index
         self.exitcode = exitcode
@@ -71,8 +72,7 @@ class WorkerCrashed(FenfaError, RuntimeError):
 class SerializationError(FenfaError, TypeError):
     """A function, argument or result could not be pickled or unpickled."""
 
-    def __init__(self, message: str, *, index: int | None = None,
-                 what: str | None = None) -> None:
+    def __init__(self, message: str, *, index: int | None = None, what: str | None = None) -> None:
         super().__init__(message)
         self.index = index
         self.what = what
@@ -84,8 +84,9 @@ class SerializationError(FenfaError, TypeError):
 class TaskTimeout(FenfaError, TimeoutError):
     """A task ran longer than the ``timeout`` it was given."""
 
-    def __init__(self, message: str, *, index: int | None = None,
-                 limit: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, index: int | None = None, limit: float | None = None
+    ) -> None:
         super().__init__(message)
         self.index = index
         self.limit = limit
@@ -94,8 +95,9 @@ class TaskTimeout(FenfaError, TimeoutError):
         return (_rebuild, (type(self), self.args, self.__dict__))
 
 
-def _rebuild(cls: type[BaseException], args: tuple[Any, ...],
-             state: dict[str, Any]) -> BaseException:
+def _rebuild(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+) -> BaseException:
     exc = cls.__new__(cls)
     exc.args = args
     exc.__dict__.update(state)

@@ -64,18 +64,20 @@ class CallOptions:
     def __post_init__(self) -> None:
         _positive("chunksize", self.chunksize)
         _positive("window", self.window)
-        if not isinstance(self.retries, int) or isinstance(self.retries, bool) \
-                or self.retries < 0:
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
         if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, "
-                             f"got {self.on_error!r}")
+            raise ValueError(
+                f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, got {self.on_error!r}"
+            )
 
     def update(self, overrides: dict[str, Any]) -> CallOptions:
         unknown = [name for name in overrides if name not in CALL_OPTIONS]
         if unknown:
-            raise TypeError(f"unknown option {unknown[0]!r} for a pool call; "
-                            f"options are: {', '.join(CALL_OPTIONS)}")
+            raise TypeError(
+                f"unknown option {unknown[0]!r} for a pool call; "
+                f"options are: {', '.join(CALL_OPTIONS)}"
+            )
         return replace(self, **overrides) if overrides else self
 
 
@@ -93,9 +95,19 @@ def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseEx
 class _Run:
     """One call over many inputs: window, batches, retries, errors, order."""
 
-    def __init__(self, pool: Pool, fn: Callable[..., Any], style: Style,
-                 inputs: Iterator[Any], *, total: int | None, ordered: bool,
-                 fail_fast: bool, options: CallOptions, deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., Any],
+        style: Style,
+        inputs: Iterator[Any],
+        *,
+        total: int | None,
+        ordered: bool,
+        fail_fast: bool,
+        options: CallOptions,
+        deadline: float | None = None,
+    ) -> None:
         self._pool = pool
         self._backend = pool._backend
         self._inputs = inputs
@@ -107,10 +119,10 @@ class _Run:
         self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
         workers = self._backend.workers
         self._sizer = ChunkSizer(workers, total, options.chunksize)
-        self._next = 0          # index of the next item pulled
+        self._next = 0  # index of the next item pulled
         self._exhausted = False
-        self._in_window = 0     # pulled and not yet handed to the consumer
-        self._unfinished = 0    # pulled and without a final outcome yet
+        self._in_window = 0  # pulled and not yet handed to the consumer
+        self._unfinished = 0  # pulled and without a final outcome yet
         self._probes = 0
         # ordered: start index -> (tasks covered, values or an error to raise)
         self._ready: dict[int, tuple[int, list[Any] | BaseException]] = {}
@@ -177,8 +189,9 @@ class _Run:
             index = piece.index
             item = batch.item(index)
             if batch.attempt <= options.retries:
-                self._pool._submit_batch(Batch(self._job, index, [item], batch.attempt + 1),
-                                         urgent=True)
+                self._pool._submit_batch(
+                    Batch(self._job, index, [item], batch.attempt + 1), urgent=True
+                )
                 continue
             self._unfinished -= 1
             error = annotate(piece.error, index, item, batch.attempt)
@@ -302,24 +315,36 @@ class Pool:
     defaults of every call, which may override them.
     """
 
-    def __init__(self, backend: str = "auto", workers: int | None = None, *,
-                 chunksize: int | None = None, window: int | None = None,
-                 retries: int = 0, on_error: str = "raise",
-                 initializer: Callable[..., Any] | None = None,
-                 initargs: Iterable[Any] = (), start_method: str | None = None,
-                 max_tasks_per_worker: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: str = "auto",
+        workers: int | None = None,
+        *,
+        chunksize: int | None = None,
+        window: int | None = None,
+        retries: int = 0,
+        on_error: str = "raise",
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        start_method: str | None = None,
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
         _positive("workers", workers)
         _positive("max_tasks_per_worker", max_tasks_per_worker)
         if start_method is not None and start_method not in START_METHODS:
-            raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, "
-                             f"got {start_method!r}")
+            raise ValueError(
+                f"start_method must be one of {', '.join(START_METHODS)}, got {start_method!r}"
+            )
         if initializer is not None:
             _check_callable(initializer)
         self._options = CallOptions(chunksize, window, retries, on_error)
         self.backend: str = resolve_backend(backend, workers)
         count = workers if workers is not None else default_workers(self.backend)
-        kwargs: dict[str, Any] = {"initializer": initializer, "initargs": tuple(initargs),
-                                  "max_tasks_per_worker": max_tasks_per_worker}
+        kwargs: dict[str, Any] = {
+            "initializer": initializer,
+            "initargs": tuple(initargs),
+            "max_tasks_per_worker": max_tasks_per_worker,
+        }
         if self.backend == "process":
             kwargs["start_method"] = start_method
         self._backend: Backend = backend_class(self.backend)(count, **kwargs)
@@ -358,8 +383,7 @@ class Pool:
                 job.future.cancel()
         self._backend.shutdown(wait=wait)
 
-    def _submit_batch(self, batch: Batch, *, urgent: bool = False,
-                      internal: bool = False) -> None:
+    def _submit_batch(self, batch: Batch, *, urgent: bool = False, internal: bool = False) -> None:
         if not internal:
             self._check_open()
         self._backend.submit(batch, urgent=urgent)
@@ -384,62 +408,111 @@ class Pool:
             raise
         return job.future
 
-    def apply(self, fn: Callable[..., R], args: Iterable[Any] = (),
-              kwargs: dict[str, Any] | None = None) -> R:
+    def apply(
+        self, fn: Callable[..., R], args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> R:
         """Run one call and wait for its result, as ``multiprocessing.Pool.apply``."""
         return self.apply_async(fn, args, kwargs).result()
 
-    def apply_async(self, fn: Callable[..., R], args: Iterable[Any] = (),
-                    kwargs: dict[str, Any] | None = None) -> Future[R]:
+    def apply_async(
+        self, fn: Callable[..., R], args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Future[R]:
         return self.submit(fn, *args, **(kwargs or {}))
 
     # -- many calls -----------------------------------------------------
 
-    def _run(self, fn: Callable[..., Any], style: Style, inputs: Iterable[Any], *,
-             total: int | None, ordered: bool, fail_fast: bool, options: dict[str, Any],
-             deadline: float | None = None) -> _Run:
+    def _run(
+        self,
+        fn: Callable[..., Any],
+        style: Style,
+        inputs: Iterable[Any],
+        *,
+        total: int | None,
+        ordered: bool,
+        fail_fast: bool,
+        options: dict[str, Any],
+        deadline: float | None = None,
+    ) -> _Run:
         _check_callable(fn)
         call_options = self._options.update(options)
         self._check_open()
-        return _Run(self, fn, style, iter(inputs), total=total, ordered=ordered,
-                    fail_fast=fail_fast, options=call_options, deadline=deadline)
+        return _Run(
+            self,
+            fn,
+            style,
+            iter(inputs),
+            total=total,
+            ordered=ordered,
+            fail_fast=fail_fast,
+            options=call_options,
+            deadline=deadline,
+        )
 
-    def _spread(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-                ordered: bool, fail_fast: bool, options: dict[str, Any]) -> _Run:
+    def _spread(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        ordered: bool,
+        fail_fast: bool,
+        options: dict[str, Any],
+    ) -> _Run:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         # Like builtins.map: several iterables stop at the shortest.
         lengths = [_length(it) for it in iterables]
         total = None if None in lengths else min(lengths)  # type: ignore[type-var]
         if len(iterables) == 1:
-            return self._run(fn, Style.ONE, iterables[0], total=total, ordered=ordered,
-                             fail_fast=fail_fast, options=options)
-        return self._run(fn, Style.STAR, zip(*iterables, strict=False), total=total,
-                         ordered=ordered, fail_fast=fail_fast, options=options)
+            return self._run(
+                fn,
+                Style.ONE,
+                iterables[0],
+                total=total,
+                ordered=ordered,
+                fail_fast=fail_fast,
+                options=options,
+            )
+        return self._run(
+            fn,
+            Style.STAR,
+            zip(*iterables, strict=False),
+            total=total,
+            ordered=ordered,
+            fail_fast=fail_fast,
+            options=options,
+        )
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> list[R]:
         """``list(map(fn, *iterables))`` on the workers; raises the first failure seen."""
         return self._spread(fn, iterables, True, True, options).collect()
 
-    def imap(self, fn: Callable[..., R], *iterables: Iterable[Any],
-             **options: Any) -> Iterator[R]:
+    def imap(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazy and ordered; at most ``window`` inputs pulled ahead of the consumer."""
         return self._spread(fn, iterables, True, False, options).results()
 
-    def imap_unordered(self, fn: Callable[..., R], *iterables: Iterable[Any],
-                       **options: Any) -> Iterator[R]:
+    def imap_unordered(
+        self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any
+    ) -> Iterator[R]:
         """Lazy; results in the order they finish."""
         return self._spread(fn, iterables, False, False, options).results()
 
-    def starmap(self, fn: Callable[..., R], iterable: Iterable[Iterable[Any]],
-                **options: Any) -> list[R]:
+    def starmap(
+        self, fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: Any
+    ) -> list[R]:
         """``[fn(*args) for args in iterable]`` on the workers."""
-        run = self._run(fn, Style.STAR, iterable, total=_length(iterable), ordered=True,
-                        fail_fast=True, options=options)
+        run = self._run(
+            fn,
+            Style.STAR,
+            iterable,
+            total=_length(iterable),
+            ordered=True,
+            fail_fast=True,
+            options=options,
+        )
         return run.collect()
 
-    def map_async(self, fn: Callable[..., R], iterable: Iterable[Any],
-                  **options: Any) -> Future[list[R]]:
+    def map_async(
+        self, fn: Callable[..., R], iterable: Iterable[Any], **options: Any
+    ) -> Future[list[R]]:
         """``map`` in the background; a Future of the list."""
         run = self._spread(fn, (iterable,), True, True, options)
         future: Future[list[R]] = Future()

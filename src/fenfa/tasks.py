@@ -24,7 +24,7 @@ from .errors import RemoteTraceback, format_traceback
 class Style(enum.IntEnum):
     """How an item becomes a call."""
 
-    ONE = 0   # fn(item)
+    ONE = 0  # fn(item)
     STAR = 1  # fn(*item)
     CALL = 2  # fn(*item[0], **item[1])
 
@@ -66,8 +66,12 @@ class Job:
 
     __slots__ = ("cancelled", "deliver", "fn", "payload", "style")
 
-    def __init__(self, fn: Callable[..., Any], style: Style,
-                 deliver: Callable[[Batch, list[Piece], float], None]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        style: Style,
+        deliver: Callable[[Batch, list[Piece], float], None],
+    ) -> None:
         self.fn = fn
         self.style = style
         self.deliver = deliver
@@ -89,8 +93,14 @@ class Batch:
 
     __slots__ = ("attempt", "done", "expected", "id", "items", "job", "start", "wire")
 
-    def __init__(self, job: Job, start: int, items: list[Any], attempt: int = 1,
-                 expected: float | None = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        start: int,
+        items: list[Any],
+        attempt: int = 1,
+        expected: float | None = None,
+    ) -> None:
         self.id = next(_batch_ids)
         self.job = job
         self.start = start
@@ -108,7 +118,7 @@ class Batch:
 
     def tail(self) -> Batch:
         """The tasks that have not reported yet, as a new batch of the same job."""
-        rest = Batch(self.job, self.start + self.done, self.items[self.done:], self.attempt)
+        rest = Batch(self.job, self.start + self.done, self.items[self.done :], self.attempt)
         if self.expected is not None and self.items:
             rest.expected = self.expected * len(rest.items) / len(self.items)
         return rest
@@ -123,9 +133,14 @@ def caller(fn: Callable[..., Any], style: Style) -> Callable[[Any], Any]:
     return lambda item: fn(*item[0], **item[1])
 
 
-def run_batch(call: Callable[[Any], Any], start: int, items: list[Any],
-              emit: Callable[[Piece], None], stream: bool,
-              on_error: Callable[[BaseException], Any]) -> int:
+def run_batch(
+    call: Callable[[Any], Any],
+    start: int,
+    items: list[Any],
+    emit: Callable[[Piece], None],
+    stream: bool,
+    on_error: Callable[[BaseException], Any],
+) -> int:
     """Run ``call`` over ``items`` and hand the pieces to ``emit``.
 
     With ``stream`` every task is emitted as soon as it ends (slow tasks);

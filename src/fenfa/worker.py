@@ -37,8 +37,7 @@ class WorkerInfo:
 class _Slot:
     __slots__ = ("backend", "id", "state")
 
-    def __init__(self, worker_id: int | None, backend: str | None,
-                 state: dict[str, Any]) -> None:
+    def __init__(self, worker_id: int | None, backend: str | None, state: dict[str, Any]) -> None:
         self.id = worker_id
         self.backend = backend
         self.state = state
@@ -47,8 +46,7 @@ class _Slot:
 _local = threading.local()
 
 
-def set_slot(worker_id: int | None, backend: str | None,
-             state: dict[str, Any]) -> _Slot | None:
+def set_slot(worker_id: int | None, backend: str | None, state: dict[str, Any]) -> _Slot | None:
     """Mark the calling thread as a worker; returns the previous mark."""
     previous: _Slot | None = getattr(_local, "slot", None)
     _local.slot = _Slot(worker_id, backend, state)

@@ -43,8 +43,10 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or (name not in BACKENDS and name not in _PLANNED):
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if name in _PLANNED:
-        raise ValueError(f"backend {name!r} is not available in this version of fenfa yet; "
-                         f"choose one of: {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"backend {name!r} is not available in this version of fenfa yet; "
+            f"choose one of: {', '.join(BACKENDS)}"
+        )
     return name
 
 
@@ -55,5 +57,4 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-__all__ = ["BACKENDS", "Backend", "backend_class", "check_name", "default_workers",
-           "usable_cores"]
+__all__ = ["BACKENDS", "Backend", "backend_class", "check_name", "default_workers", "usable_cores"]

@@ -53,8 +53,8 @@ def frame(kind: bytes, header: Any, body: bytes = b"") -> bytes:
 def unframe(message: bytes) -> tuple[bytes, Any, memoryview]:
     view = memoryview(message)
     (hlen,) = _HLEN.unpack_from(view, 1)
-    header = pickle.loads(view[5:5 + hlen])
-    return message[:1], header, view[5 + hlen:]
+    header = pickle.loads(view[5 : 5 + hlen])
+    return message[:1], header, view[5 + hlen :]
 
 
 def dumps(obj: Any) -> bytes:
@@ -67,8 +67,9 @@ def dumps(obj: Any) -> bytes:
 
 def encode_results(pieces: list[Piece]) -> tuple[list[tuple[int, int, bool]], bytes]:
     """Spans and body for a RESULT frame; a value that will not pickle fails its task only."""
-    spans = [(p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False)
-             for p in pieces]
+    spans = [
+        (p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False) for p in pieces
+    ]
     payloads = [p.values if isinstance(p, Ok) else p.error for p in pieces]
     try:
         return spans, dumps(payloads)
@@ -86,13 +87,16 @@ def encode_results(pieces: list[Piece]) -> tuple[list[tuple[int, int, bool]], by
                 dumps(value)
             except Exception as exc:
                 error = SerializationError(
-                    f"the result of task {index} could not be pickled: "
-                    f"{type(exc).__name__}: {exc}", index=index, what="result")
+                    f"the result of task {index} could not be pickled: {type(exc).__name__}: {exc}",
+                    index=index,
+                    what="result",
+                )
                 fixed.append(Err(index, pack_exception(error)))
             else:
                 fixed.append(Ok(index, [value]))
-    spans = [(p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False)
-             for p in fixed]
+    spans = [
+        (p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False) for p in fixed
+    ]
     return spans, dumps([p.values if isinstance(p, Ok) else p.error for p in fixed])
 
 
@@ -120,8 +124,13 @@ class _Reporter:
             self.last = now
 
 
-def _serve_batch(send: Callable[[bytes], None], fn: Callable[..., Any] | BaseException,
-                 header: Any, body: memoryview, budget: int | None) -> int:
+def _serve_batch(
+    send: Callable[[bytes], None],
+    fn: Callable[..., Any] | BaseException,
+    header: Any,
+    body: memoryview,
+    budget: int | None,
+) -> int:
     """Run one BATCH frame and report it; returns how many tasks ran."""
     batch_id, _key, style, start, count, stream = header
     reporter = _Reporter(send, batch_id, stream)
@@ -130,23 +139,27 @@ def _serve_batch(send: Callable[[bytes], None], fn: Callable[..., Any] | BaseExc
             raise fn
         items = pickle.loads(body)
     except BaseException as exc:
-        error = exc if isinstance(exc, SerializationError) else SerializationError(
-            f"the arguments of tasks {start}..{start + count - 1} could not be "
-            f"unpickled in the worker: {type(exc).__name__}: {exc}", what="argument")
+        error = (
+            exc
+            if isinstance(exc, SerializationError)
+            else SerializationError(
+                f"the arguments of tasks {start}..{start + count - 1} could not be "
+                f"unpickled in the worker: {type(exc).__name__}: {exc}",
+                what="argument",
+            )
+        )
         packed = pack_exception(error)
         spans = [(start + i, 1, False) for i in range(count)]
         send(frame(RESULT, (batch_id, 0.0, spans), dumps([packed] * count)))
         return 0
     if budget is not None and budget < count:
         items = items[:budget]
-    ran = run_batch(caller(fn, Style(style)), start, items, reporter.emit, stream,
-                    pack_exception)
+    ran = run_batch(caller(fn, Style(style)), start, items, reporter.emit, stream, pack_exception)
     reporter.flush()
     return ran
 
 
-def worker_main(conn: Any, worker_id: int, setup: bytes | None,
-                max_tasks: int | None) -> None:
+def worker_main(conn: Any, worker_id: int, setup: bytes | None, max_tasks: int | None) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what it
     # means and stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -175,7 +188,9 @@ def worker_main(conn: Any, worker_id: int, setup: bytes | None,
             except BaseException as exc:
                 functions[key] = SerializationError(
                     f"the function could not be unpickled in the worker: "
-                    f"{type(exc).__name__}: {exc}", what="function")
+                    f"{type(exc).__name__}: {exc}",
+                    what="function",
+                )
             if len(functions) > FUNCTION_CACHE_SIZE:
                 functions.popitem(last=False)
             continue

@@ -36,9 +36,14 @@ class Backend(abc.ABC):
     #: Whether results must cross a process boundary (so must be picklable).
     remote: ClassVar[bool] = False
 
-    def __init__(self, workers: int, *, initializer: Callable[..., Any] | None = None,
-                 initargs: tuple[Any, ...] = (),
-                 max_tasks_per_worker: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
         self.workers = workers
         self.initializer = initializer
         self.initargs = initargs

@@ -69,8 +69,9 @@ STREAM_ABOVE_SECONDS = 0.001
 # How long a stopping worker may take to exit before it is terminated.
 STOP_GRACE_SECONDS = 2.0
 
-DEFAULT_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() \
-    else "spawn"
+DEFAULT_START_METHOD = (
+    "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+)
 
 
 def exit_description(code: int | None) -> str:
@@ -85,8 +86,17 @@ def exit_description(code: int | None) -> str:
 
 
 class _Worker:
-    __slots__ = ("batches", "conn", "functions", "id", "outbox", "process", "retiring",
-                 "sender", "started_work")
+    __slots__ = (
+        "batches",
+        "conn",
+        "functions",
+        "id",
+        "outbox",
+        "process",
+        "retiring",
+        "sender",
+        "started_work",
+    )
 
     def __init__(self, worker_id: int, process: Any, conn: Any) -> None:
         self.id = worker_id
@@ -98,8 +108,9 @@ class _Worker:
         self.functions: OrderedDict[bytes, None] = OrderedDict()
         self.retiring = False
         self.started_work = False
-        self.sender = threading.Thread(target=self._send_loop, daemon=True,
-                                       name=f"fenfa-send-{worker_id}")
+        self.sender = threading.Thread(
+            target=self._send_loop, daemon=True, name=f"fenfa-send-{worker_id}"
+        )
 
     def _send_loop(self) -> None:
         while True:
@@ -127,8 +138,7 @@ class ProcessBackend(Backend):
     name = "process"
     remote = True
 
-    def __init__(self, workers: int, *, start_method: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, workers: int, *, start_method: str | None = None, **kwargs: Any) -> None:
         super().__init__(workers, **kwargs)
         method = start_method or DEFAULT_START_METHOD
         self._ctx = multiprocessing.get_context(method)
@@ -144,7 +154,8 @@ class ProcessBackend(Backend):
             except Exception as exc:
                 raise SerializationError(
                     f"the initializer or its initargs could not be pickled: {exc}",
-                    what="initializer") from exc
+                    what="initializer",
+                ) from exc
         self._lock = threading.RLock()
         self._pending: deque[Batch] = deque()
         self._workers: dict[int, _Worker] = {}
@@ -160,8 +171,9 @@ class ProcessBackend(Backend):
         os.set_blocking(self._wake_w, False)
         for _ in range(workers):
             self._start_worker()
-        self._manager = threading.Thread(target=self._manage, daemon=True,
-                                         name="fenfa-process-manager")
+        self._manager = threading.Thread(
+            target=self._manage, daemon=True, name="fenfa-process-manager"
+        )
         self._manager.start()
         _live.add(self)
 
@@ -171,8 +183,10 @@ class ProcessBackend(Backend):
         worker_id = next(self._ids)
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_worker.worker_main, name=f"fenfa-process-{worker_id}",
-            args=(child_conn, worker_id, self._setup, self.max_tasks_per_worker))
+            target=_worker.worker_main,
+            name=f"fenfa-process-{worker_id}",
+            args=(child_conn, worker_id, self._setup, self.max_tasks_per_worker),
+        )
         try:
             process.start()
         finally:
@@ -198,8 +212,9 @@ class ProcessBackend(Backend):
                 data = cloudpickle.dumps(job.fn, protocol=5)
             except Exception as exc:
                 raise SerializationError(
-                    f"the function {job.fn!r} could not be pickled: "
-                    f"{type(exc).__name__}: {exc}", what="function") from exc
+                    f"the function {job.fn!r} could not be pickled: {type(exc).__name__}: {exc}",
+                    what="function",
+                ) from exc
             job.payload = (hashlib.blake2b(data, digest_size=16).digest(), data)
         for part in self._encode(batch):
             with self._lock:
@@ -234,8 +249,10 @@ class ProcessBackend(Backend):
                     parts.append(Batch(batch.job, first, good, batch.attempt))
                     good = []
                 error = SerializationError(
-                    f"the input of task {index} could not be pickled: "
-                    f"{type(exc).__name__}: {exc}", index=index, what="argument")
+                    f"the input of task {index} could not be pickled: {type(exc).__name__}: {exc}",
+                    index=index,
+                    what="argument",
+                )
                 error.__cause__ = exc
                 bad = Batch(batch.job, index, [item], batch.attempt)
                 batch.job.deliver(bad, [Err(index, error)], 0.0)
@@ -251,16 +268,16 @@ class ProcessBackend(Backend):
     @staticmethod
     def _streams(batch: Batch) -> bool:
         count = len(batch.items)
-        return count > 1 and (batch.expected is None
-                              or batch.expected / count > STREAM_ABOVE_SECONDS)
+        return count > 1 and (
+            batch.expected is None or batch.expected / count > STREAM_ABOVE_SECONDS
+        )
 
     @classmethod
     def _frame(cls, batch: Batch, body: bytes) -> bytes:
         assert batch.job.payload is not None
         count = len(batch.items)
         stream = cls._streams(batch)
-        header = (batch.id, batch.job.payload[0], int(batch.job.style), batch.start,
-                  count, stream)
+        header = (batch.id, batch.job.payload[0], int(batch.job.style), batch.start, count, stream)
         return frame(BATCH, header, body)
 
     def _has_room(self, worker: _Worker) -> bool:
@@ -269,8 +286,11 @@ class ProcessBackend(Backend):
         held = worker.batches
         if not held:
             return True
-        return (len(held) == 1 and held[0].expected is not None
-                and held[0].expected < PREFETCH_BELOW_SECONDS)
+        return (
+            len(held) == 1
+            and held[0].expected is not None
+            and held[0].expected < PREFETCH_BELOW_SECONDS
+        )
 
     def _assign(self) -> None:
         """Hand pending batches to workers with room. Called with ``_lock`` held."""
@@ -361,7 +381,10 @@ class ProcessBackend(Backend):
                 for index in range(start, start + count):
                     error = SerializationError(
                         f"the result of task {index} could not be unpickled: "
-                        f"{type(exc).__name__}: {exc}", index=index, what="result")
+                        f"{type(exc).__name__}: {exc}",
+                        index=index,
+                        what="result",
+                    )
                     pieces.append(Err(index, error))
         else:
             for (start, _count, ok), payload in zip(spans, payloads, strict=True):
@@ -416,13 +439,20 @@ class ProcessBackend(Backend):
             batch, index = crashed
             error = WorkerCrashed(
                 f"worker {worker.id} (pid {worker.process.pid}) {exit_description(code)} "
-                f"while running task {index}", index=index, exitcode=code)
+                f"while running task {index}",
+                index=index,
+                exitcode=code,
+            )
             batch.job.deliver(batch, [Err(index, error)], 0.0)
         if self._failed_starts > 2 * self.workers + 2:
-            self._break(WorkerCrashed(
-                f"worker processes keep dying before they run anything (the last one "
-                f"{exit_description(code)}); is the environment able to start "
-                f"'{self.start_method}' workers?", exitcode=code))
+            self._break(
+                WorkerCrashed(
+                    f"worker processes keep dying before they run anything (the last one "
+                    f"{exit_description(code)}); is the environment able to start "
+                    f"'{self.start_method}' workers?",
+                    exitcode=code,
+                )
+            )
             return
         if replace and not worker.retiring:
             try:

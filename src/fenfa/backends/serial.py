@@ -44,8 +44,9 @@ class SerialBackend(Backend):
                 if self.initializer is not None:
                     self.initializer(*self.initargs)
             begin = time.perf_counter()
-            ran = run_batch(caller(job.fn, job.style), batch.start, batch.items,
-                            pieces.append, False, _report)
+            ran = run_batch(
+                caller(job.fn, job.style), batch.start, batch.items, pieces.append, False, _report
+            )
             busy = time.perf_counter() - begin
         finally:
             restore_slot(previous)

@@ -70,8 +70,9 @@ class ThreadBackend(Backend):
 
     def _start_thread(self) -> None:
         worker_id = next(self._ids)
-        thread = threading.Thread(target=self._work, args=(worker_id,),
-                                  name=f"fenfa-thread-{worker_id}", daemon=True)
+        thread = threading.Thread(
+            target=self._work, args=(worker_id,), name=f"fenfa-thread-{worker_id}", daemon=True
+        )
         with self._lock:
             self._threads.append(thread)
         thread.start()
@@ -113,8 +114,14 @@ class ThreadBackend(Backend):
                 self._queue.put(rest, front=True)
             pieces: list[Piece] = []
             begin = time.perf_counter()
-            ran = run_batch(caller(job.fn, job.style), batch.start, items, pieces.append,
-                            False, attach_traceback)
+            ran = run_batch(
+                caller(job.fn, job.style),
+                batch.start,
+                items,
+                pieces.append,
+                False,
+                attach_traceback,
+            )
             busy = time.perf_counter() - begin
             batch.done = ran
             job.deliver(batch, pieces, busy)

@@ -11,7 +11,8 @@ from . import bench
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fenfa", description="Dispatch work to threads or processes, and see how it went.")
+        prog="fenfa", description="Dispatch work to threads or processes, and see how it went."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench.add_parser(commands)
     return parser

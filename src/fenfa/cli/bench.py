@@ -50,8 +50,9 @@ class Row:
     workers_seen: int
 
 
-def _measure(workload: str, backend: str, fn: Any, arg: Any, tasks: int,
-             serial_wall: float | None) -> Row:
+def _measure(
+    workload: str, backend: str, fn: Any, arg: Any, tasks: int, serial_wall: float | None
+) -> Row:
     with Pool(backend) as pool:
         pool.map(fn, [type(arg)(0)] * pool.workers)  # start every worker first
         begin = time.perf_counter()
@@ -60,8 +61,15 @@ def _measure(workload: str, backend: str, fn: Any, arg: Any, tasks: int,
         resolved = pool.backend
     cpu = sum(r[2] for r in results)
     seen = len({(pid, thread) for pid, thread, _ in results})
-    return Row(workload, backend, resolved, wall,
-               (serial_wall or wall) / wall, cpu / (wall * usable_cores()), seen)
+    return Row(
+        workload,
+        backend,
+        resolved,
+        wall,
+        (serial_wall or wall) / wall,
+        cpu / (wall * usable_cores()),
+        seen,
+    )
 
 
 def run_bench(quick: bool) -> list[Row]:
@@ -83,13 +91,14 @@ def format_table(rows: list[Row], quick: bool) -> str:
         f"fenfa bench{' --quick' if quick else ''}: {cores} usable cores, "
         f"caller pid {current_worker().pid}, warm pools",
         "",
-        f"{'workload':<9}{'backend':<14}{'wall s':>8}{'speedup':>9}{'CPU use':>9}"
-        f"{'workers':>9}",
+        f"{'workload':<9}{'backend':<14}{'wall s':>8}{'speedup':>9}{'CPU use':>9}{'workers':>9}",
     ]
     for row in rows:
         name = row.backend if row.backend == row.resolved else f"{row.backend}->{row.resolved}"
-        lines.append(f"{row.workload:<9}{name:<14}{row.wall:>8.3f}{row.speedup:>8.2f}x"
-                     f"{row.cpu_use:>8.0%}{row.workers_seen:>9}")
+        lines.append(
+            f"{row.workload:<9}{name:<14}{row.wall:>8.3f}{row.speedup:>8.2f}x"
+            f"{row.cpu_use:>8.0%}{row.workers_seen:>9}"
+        )
     lines += [
         "",
         "io: tasks that wait (time.sleep); threads overlap the waiting.",
@@ -110,8 +119,10 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
-        "bench", help="time IO-bound and CPU-bound mock tasks on every backend",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        "bench",
+        help="time IO-bound and CPU-bound mock tasks on every backend",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a few seconds")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.set_defaults(handler=main)
