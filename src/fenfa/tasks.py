@@ -240,11 +240,11 @@ class ChunkSizer:
         if seconds is None:
             return 1
         seconds = max(seconds, 1e-9)
-        size = min(MAX_CHUNKSIZE, max(1, int(TARGET_BATCH_SECONDS / seconds)))
+        size = min(MAX_CHUNKSIZE, max(1, round(TARGET_BATCH_SECONDS / seconds)))
         if self.total is not None:
             remaining = self.total - next_index
             balanced = math.ceil(remaining / (self.workers * TAIL_BATCHES_PER_WORKER))
-            size = min(size, max(balanced, int(MIN_BATCH_SECONDS / seconds), 1))
+            size = min(size, max(balanced, round(MIN_BATCH_SECONDS / seconds), 1))
         return size
 
     def expected(self, tasks: int) -> float | None:
