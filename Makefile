@@ -35,7 +35,8 @@ test: lint
 # The suite on every supported Python (3.11, 3.12, 3.13 under pyenv), through nox.
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q nox
-	$(BIN)/nox
+	PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[123]\.' | paste -sd: -) \
+		$(BIN)/nox
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_core.py

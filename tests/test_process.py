@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any
 
 import pytest
@@ -121,21 +122,31 @@ def test_workers_that_die_at_start_do_not_respawn_forever() -> None:
     assert all(isinstance(r, fenfa.WorkerCrashed) for r in results)
 
 
-class Unpicklable(Exception):
+class NeedsTwoArgs(Exception):
     def __init__(self, a: int, b: int) -> None:  # pickle rebuilds with one arg: fails
         super().__init__(f"{a}-{b}")
 
 
-def raise_unpicklable(x: int) -> int:
-    raise Unpicklable(x, x + 1)
+def raise_needs_two_args(x: int) -> int:
+    raise NeedsTwoArgs(x, x + 1)
 
 
-def test_an_exception_that_cannot_be_rebuilt_still_names_its_type() -> None:
+def raise_with_a_lock(x: int) -> int:
+    raise ValueError("holds a lock", threading.Lock())
+
+
+def test_an_exception_whose_init_differs_keeps_its_type() -> None:
+    with fenfa.Pool("process", 1) as pool, pytest.raises(NeedsTwoArgs) as info:
+        pool.map(raise_needs_two_args, [5])
+    assert info.value.args == ("5-6",)
+
+
+def test_an_exception_that_cannot_be_pickled_still_names_its_type() -> None:
     with fenfa.Pool("process", 1) as pool, pytest.raises(Exception) as info:
-        pool.map(raise_unpicklable, [5])
-    assert "Unpicklable" in str(info.value)
-    assert "5-6" in str(info.value)
-    assert "raise_unpicklable" in str(info.value.__cause__)
+        pool.map(raise_with_a_lock, [5])
+    assert "ValueError" in str(info.value)
+    assert "holds a lock" in str(info.value)
+    assert "raise_with_a_lock" in str(info.value.__cause__)
 
 
 def test_shutdown_waits_for_submitted_work() -> None:

@@ -139,18 +139,41 @@ def format_traceback(exc: BaseException) -> str:
 def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:
     """Everything the caller needs to re-raise ``exc``: (pickle or None, tb, type, message).
 
-    The exception is pickled here, in the worker, so that one that cannot be
-    pickled, or cannot be rebuilt from its args, is caught now and not in the
-    parent's reader thread.
+    The exception is pickled and unpickled here, in the worker, so that a
+    failure shows now and not in the parent's reader thread. Plain pickle
+    rebuilds an exception as ``cls(*args)``, which fails for the many classes
+    whose ``__init__`` takes other arguments than it passes on; those are
+    rebuilt without calling ``__init__`` (type, args and attributes kept).
+    Only when even that fails does the caller get an :class:`UnpicklableError`.
     """
+    import cloudpickle  # only workers pack exceptions; keep the parent's import light
+
     tb = format_traceback(exc)
-    data: bytes | None
-    try:
-        data = pickle.dumps(exc, protocol=5)
-        pickle.loads(data)  # a class whose __init__ needs other args fails here
-    except Exception:
-        data = None
-    return data, tb, type(exc).__qualname__, str(exc)
+    state = getattr(exc, "__dict__", {})
+    for candidate in (
+        lambda: pickle.dumps(exc, protocol=5),
+        lambda: cloudpickle.dumps(_Rebuilt(type(exc), exc.args, state), protocol=5),
+        lambda: cloudpickle.dumps(_Rebuilt(type(exc), exc.args, {}), protocol=5),
+    ):
+        try:
+            data = candidate()
+            pickle.loads(data)
+        except Exception:
+            continue
+        return data, tb, type(exc).__qualname__, str(exc)
+    return None, tb, type(exc).__qualname__, str(exc)
+
+
+class _Rebuilt:
+    """Pickles as "make this exception type without calling its ``__init__``"."""
+
+    def __init__(
+        self, cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+    ) -> None:
+        self.cls, self.args, self.state = cls, args, state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.cls, self.args, self.state))
 
 
 def unpack_exception(packed: tuple[bytes | None, str, str, str]) -> BaseException:

@@ -115,6 +115,9 @@ class _Run:
         self._fail_fast = fail_fast
         self._options = options
         self._deadline = deadline
+        # A run driven in the background (map_async) was accepted whole: it
+        # may go on pulling input after shutdown() has been called.
+        self.background = False
         self._job = Job(fn, style, self._deliver)
         self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
         workers = self._backend.workers
@@ -162,7 +165,7 @@ class _Run:
             self._in_window += len(items)
             self._unfinished += len(items)
             self._probes += probing
-            self._pool._submit_batch(batch)
+            self._pool._submit_batch(batch, internal=self.background)
 
     # -- taking results -------------------------------------------------
 
@@ -189,9 +192,8 @@ class _Run:
             index = piece.index
             item = batch.item(index)
             if batch.attempt <= options.retries:
-                self._pool._submit_batch(
-                    Batch(self._job, index, [item], batch.attempt + 1), urgent=True
-                )
+                retry = Batch(self._job, index, [item], batch.attempt + 1)
+                self._pool._submit_batch(retry, urgent=True, internal=True)
                 continue
             self._unfinished -= 1
             error = annotate(piece.error, index, item, batch.attempt)
@@ -352,6 +354,9 @@ class Pool:
         self._state = _State.RUNNING
         self._lock = threading.Lock()
         self._futures: set[_FutureJob] = set()
+        # Threads driving map_async calls; shutdown lets them finish first.
+        self._drivers: set[threading.Thread] = set()
+        self._stop_after_drivers = False
 
     def __repr__(self) -> str:
         return f"<fenfa.Pool backend={self.backend!r} workers={self.workers} {self._state.value}>"
@@ -378,9 +383,17 @@ class Pool:
         with self._lock:
             self._state = _State.CLOSED
             futures = list(self._futures)
+            drivers = list(self._drivers)
+            if drivers and not wait:
+                # The last map_async to finish stops the backend.
+                self._stop_after_drivers = True
         if cancel_futures:
             for job in futures:
                 job.future.cancel()
+        if drivers and not wait:
+            return
+        for thread in drivers:
+            thread.join()
         self._backend.shutdown(wait=wait)
 
     def _submit_batch(self, batch: Batch, *, urgent: bool = False, internal: bool = False) -> None:
@@ -515,6 +528,7 @@ class Pool:
     ) -> Future[list[R]]:
         """``map`` in the background; a Future of the list."""
         run = self._spread(fn, (iterable,), True, True, options)
+        run.background = True
         future: Future[list[R]] = Future()
         future.set_running_or_notify_cancel()
 
@@ -525,8 +539,18 @@ class Pool:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+            finally:
+                with self._lock:
+                    self._drivers.discard(thread)
+                    stop = self._stop_after_drivers and not self._drivers
+                if stop:
+                    self._backend.shutdown(wait=False)
 
-        threading.Thread(target=drive, name="fenfa-map-async", daemon=True).start()
+        thread = threading.Thread(target=drive, name="fenfa-map-async", daemon=True)
+        with self._lock:
+            self._check_open()
+            self._drivers.add(thread)
+        thread.start()
         return future
 
 
