@@ -86,11 +86,21 @@ def starmap(fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: 
 def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """``fn(*args, **kwargs)`` in a worker of the default pool; returns its result.
 
-    The keyword ``backend`` (default ``"auto"``) is fenfa's, every other
-    keyword goes to ``fn``.
+    The keywords ``backend`` (default ``"auto"``) and ``timeout`` (seconds,
+    default none) are fenfa's; every other keyword goes to ``fn``.
     """
     backend = kwargs.pop("backend", "auto")
-    return _default_pool(str(backend), None).submit(fn, *args, **kwargs).result()
+    timeout = kwargs.pop("timeout", None)
+    pool = _default_pool(str(backend), None)
+    return pool._submit_call(fn, args, kwargs, timeout).result()  # type: ignore[arg-type]
+
+
+def _handing_over(pieces: Iterator[list[R]]) -> Iterator[R]:
+    """Yield each value and keep no reference to it, as the stdlib's ``map`` does."""
+    for values in pieces:
+        values.reverse()
+        while values:
+            yield values.pop()
 
 
 class Executor(concurrent.futures.Executor):
@@ -104,9 +114,26 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(
-        self, max_workers: int | None = None, *, backend: str = "process", **pool_options: Any
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        backend: str = "process",
+        **pool_options: Any,
     ) -> None:
-        self._pool = Pool(backend, max_workers, **pool_options)
+        # The signature of ProcessPoolExecutor, then fenfa's own options.
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if mp_context is not None:
+            pool_options["start_method"] = mp_context.get_start_method()
+        if max_tasks_per_child is not None:
+            pool_options["max_tasks_per_worker"] = max_tasks_per_child
+        self._pool = Pool(
+            backend, max_workers, initializer=initializer, initargs=initargs, **pool_options
+        )
 
     @property
     def pool(self) -> Pool:
@@ -130,7 +157,7 @@ class Executor(concurrent.futures.Executor):
         run = self._pool._spread(fn, iterables, True, False, options)
         run._deadline = deadline
         run.fill()  # start work now, as the standard library's map does
-        return run.results()
+        return _handing_over(run.pieces())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)

@@ -35,7 +35,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 ON_ERROR = ("raise", "return", "skip")
-CALL_OPTIONS = ("chunksize", "window", "retries", "on_error")
+CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error")
 POOL_ONLY_OPTIONS = ("initializer", "initargs", "start_method", "max_tasks_per_worker")
 START_METHODS = ("fork", "forkserver", "spawn")
 
@@ -58,12 +58,19 @@ class CallOptions:
 
     chunksize: int | None = None
     window: int | None = None
+    timeout: float | None = None
     retries: int = 0
     on_error: str = "raise"
 
     def __post_init__(self) -> None:
         _positive("chunksize", self.chunksize)
         _positive("window", self.window)
+        if self.timeout is not None and (
+            not isinstance(self.timeout, int | float)
+            or isinstance(self.timeout, bool)
+            or not self.timeout > 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
         if self.on_error not in ON_ERROR:
@@ -119,6 +126,7 @@ class _Run:
         # may go on pulling input after shutdown() has been called.
         self.background = False
         self._job = Job(fn, style, self._deliver)
+        self._job.timeout = options.timeout
         self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
         workers = self._backend.workers
         self._sizer = ChunkSizer(workers, total, options.chunksize)
@@ -243,6 +251,11 @@ class _Run:
                 if self._exhausted and self._unfinished == 0:
                     return
                 self._absorb(*self._wait())
+        except KeyboardInterrupt:
+            # Ctrl-C: nobody wants these results; stop the tasks now running
+            # (process workers are killed and replaced).
+            self._backend.abandon(self._job)
+            raise
         finally:
             self.cancel()
 
@@ -265,23 +278,40 @@ class _Run:
 class _FutureJob(Job):
     """A single call whose outcome goes to a ``concurrent.futures.Future``."""
 
-    __slots__ = ("future", "pool", "retries", "started")
+    __slots__ = ("claim_lock", "future", "pool", "retries", "started")
 
-    def __init__(self, pool: Pool, fn: Callable[..., Any], retries: int) -> None:
+    def __init__(
+        self, pool: Pool, fn: Callable[..., Any], retries: int, timeout: float | None
+    ) -> None:
         super().__init__(fn, Style.CALL, self._done)
         self.pool = pool
         self.retries = retries
+        self.timeout = timeout
         self.future: Future[Any] = Future()
         self.started = False
+        self.claim_lock = threading.Lock()
 
     def claim(self) -> bool:
-        if self.started:  # a retry: the future is already running
-            return True
-        self.started = True
-        return self.future.set_running_or_notify_cancel()
+        with self.claim_lock:
+            if self.started:  # a retry (the future runs already), or cancelled
+                return not self.future.cancelled()
+            self.started = True
+            return self.future.set_running_or_notify_cancel()
+
+    def cancel(self) -> None:
+        """Cancel if not started, and tell waiters at once (``wait()`` counts it done)."""
+        with self.claim_lock:
+            if not self.started and self.future.cancel():
+                self.started = True
+                self.future.set_running_or_notify_cancel()
+
+    def dropped(self) -> bool:
+        return self.future.cancelled()
 
     def _done(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         piece = pieces[0]
+        if self.future.done():
+            return  # e.g. failed by a shutdown while an abandoned thread ran it
         if isinstance(piece, Ok):
             self.future.set_result(piece.values[0])
         elif batch.attempt <= self.retries:
@@ -324,6 +354,7 @@ class Pool:
         *,
         chunksize: int | None = None,
         window: int | None = None,
+        timeout: float | None = None,
         retries: int = 0,
         on_error: str = "raise",
         initializer: Callable[..., Any] | None = None,
@@ -339,7 +370,7 @@ class Pool:
             )
         if initializer is not None:
             _check_callable(initializer)
-        self._options = CallOptions(chunksize, window, retries, on_error)
+        self._options = CallOptions(chunksize, window, timeout, retries, on_error)
         self.backend: str = resolve_backend(backend, workers)
         count = workers if workers is not None else default_workers(self.backend)
         kwargs: dict[str, Any] = {
@@ -389,12 +420,12 @@ class Pool:
                 self._stop_after_drivers = True
         if cancel_futures:
             for job in futures:
-                job.future.cancel()
+                job.cancel()
         if drivers and not wait:
             return
         for thread in drivers:
             thread.join()
-        self._backend.shutdown(wait=wait)
+        self._backend.shutdown(wait=wait, cancel=cancel_futures)
 
     def _submit_batch(self, batch: Batch, *, urgent: bool = False, internal: bool = False) -> None:
         if not internal:
@@ -409,8 +440,19 @@ class Pool:
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; a ``concurrent.futures.Future``."""
+        return self._submit_call(fn, args, kwargs, self._options.timeout)
+
+    def _submit_call(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> Future[R]:
         _check_callable(fn)
-        job = _FutureJob(self, fn, self._options.retries)
+        if timeout != self._options.timeout:
+            CallOptions(timeout=timeout)  # checks it
+        job = _FutureJob(self, fn, self._options.retries, timeout)
         with self._lock:
             self._check_open()
             self._futures.add(job)

@@ -64,7 +64,7 @@ class Job:
     spent on them (the adaptive chunk size feeds on that).
     """
 
-    __slots__ = ("cancelled", "deliver", "fn", "payload", "style")
+    __slots__ = ("cancelled", "deliver", "fn", "payload", "style", "timeout")
 
     def __init__(
         self,
@@ -76,6 +76,8 @@ class Job:
         self.style = style
         self.deliver = deliver
         self.cancelled = False
+        # Seconds each task may run (the ``timeout`` option), or None.
+        self.timeout: float | None = None
         # (key, pickled fn), filled by a process backend the first time it
         # needs it, so the function is pickled once per call, not per batch.
         self.payload: tuple[bytes, bytes] | None = None
@@ -83,6 +85,10 @@ class Job:
     def claim(self) -> bool:
         """Called by a backend just before it starts a batch: run it or drop it?"""
         return not self.cancelled
+
+    def dropped(self) -> bool:
+        """True when nobody wants this job's results any more (no side effects)."""
+        return self.cancelled
 
 
 _batch_ids = itertools.count()

@@ -1,4 +1,8 @@
-"""The child side of the process backend: one loop, one pipe, no threads.
+"""The child side of the process backend: one loop, one pipe.
+
+Besides the loop, one daemon thread watches the *lifeline*, a pipe whose
+write end only the parent holds: when the parent dies, even by SIGKILL, the
+pipe reads end-of-file and the worker exits at once, whatever task it is in.
 
 This module is what a worker process imports (and what the forkserver
 preloads), so it imports little. Messages in both directions are *frames*:
@@ -14,6 +18,7 @@ Parent -> worker::
 
 Worker -> parent::
 
+    READY       -   the initializer (if any) ran; tasks may come
     RESULT      header (batch_id, busy_seconds, spans)   body: one payload per span
                  spans: [(start, count, ok)]; ok -> a list of values, else a packed exception
     RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
@@ -22,9 +27,11 @@ Worker -> parent::
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import struct
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,7 +43,9 @@ from ..errors import SerializationError, pack_exception
 from ..tasks import Err, Ok, Piece, Style, caller, run_batch
 from ..worker import set_slot
 
-FUNC, BATCH, STOP, RESULT, RETIRE, INIT_FAILED = b"F", b"B", b"S", b"R", b"T", b"I"
+FUNC, BATCH, STOP, READY, RESULT, RETIRE, INIT_FAILED = b"F", b"B", b"S", b"Y", b"R", b"T", b"I"
+# The exit code of a worker that left because its parent died.
+EXIT_ORPHANED = 70
 _HLEN = struct.Struct("!I")
 
 # Functions kept per worker, least recently used dropped first. The parent
@@ -159,7 +168,27 @@ def _serve_batch(
     return ran
 
 
-def worker_main(conn: Any, worker_id: int, setup: bytes | None, max_tasks: int | None) -> None:
+def _watch_parent(lifeline: Any) -> None:
+    try:
+        lifeline.poll(None)  # nothing is ever written: this returns at end of file
+    finally:
+        os._exit(EXIT_ORPHANED)
+
+
+def worker_main(
+    conn: Any,
+    lifeline: Any,
+    lifeline_w: Any,
+    worker_id: int,
+    setup: bytes | None,
+    max_tasks: int | None,
+) -> None:
+    # Under fork the child inherits the parent's write end too: close it, or
+    # the parent's death would never read as end of file.
+    lifeline_w.close()
+    threading.Thread(
+        target=_watch_parent, args=(lifeline,), daemon=True, name="fenfa-lifeline"
+    ).start()
     # Ctrl-C reaches the whole process group; the parent decides what it
     # means and stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -173,6 +202,7 @@ def worker_main(conn: Any, worker_id: int, setup: bytes | None, max_tasks: int |
         except BaseException as exc:
             send(frame(INIT_FAILED, pack_exception(exc)))
             return
+    send(frame(READY, None))
     functions: OrderedDict[bytes, Callable[..., Any] | BaseException] = OrderedDict()
     budget = max_tasks
     while True:

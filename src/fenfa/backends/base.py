@@ -26,7 +26,7 @@ import abc
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..tasks import Batch
+from ..tasks import Batch, Job
 
 
 class Backend(abc.ABC):
@@ -54,8 +54,21 @@ class Backend(abc.ABC):
         """Queue ``batch`` to run; ``urgent`` puts it ahead of queued work (retries)."""
 
     @abc.abstractmethod
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop the workers once queued work is done; idempotent."""
+    def shutdown(self, wait: bool = True, *, cancel: bool = False) -> None:
+        """Stop the workers once queued work is done; idempotent.
+
+        With ``cancel`` (``shutdown(cancel_futures=True)``), tasks still
+        running after a short grace are stopped where the backend can.
+        """
+
+    def abandon(self, job: Job) -> None:
+        """The caller gave up on ``job`` (Ctrl-C): drop its queued batches,
+        and stop its running tasks where the backend can."""
+        job.cancelled = True
+
+    def terminate(self) -> None:
+        """Stop at once (interpreter exit): nothing will consume results any more."""
+        self.shutdown(wait=False, cancel=True)
 
     def idle(self) -> bool:
         """True when nothing is queued or running."""

@@ -43,7 +43,9 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from multiprocessing.connection import wait
@@ -51,10 +53,17 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import FenfaError, PoolClosed, SerializationError, WorkerCrashed, unpack_exception
-from ..tasks import Batch, Err, Ok, Piece
+from ..errors import (
+    FenfaError,
+    PoolClosed,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+    unpack_exception,
+)
+from ..tasks import Batch, Err, Job, Ok, Piece, Style
 from . import _worker
-from ._worker import BATCH, FUNC, INIT_FAILED, RESULT, RETIRE, STOP, frame, unframe
+from ._worker import BATCH, FUNC, INIT_FAILED, READY, RESULT, RETIRE, STOP, frame, unframe
 from .base import Backend
 from .thread import fail_batch
 
@@ -62,12 +71,19 @@ from .thread import fail_batch
 # soon: it hides the pipe round trip (~100 us) for short batches, while a
 # long batch keeps its successor free to go to whichever worker is idle first.
 PREFETCH_BELOW_SECONDS = 0.05
-# Tasks expected to take longer than this report one by one (so a crash can
-# be blamed on exactly one task and progress is seen); shorter ones report
-# once per batch, because a message per 1-us task would cost 20x the task.
-STREAM_ABOVE_SECONDS = 0.001
-# How long a stopping worker may take to exit before it is terminated.
+# Tasks expected to take longer than this report one by one, so a crash is
+# blamed on exactly one task and no finished task runs again. A message costs
+# a few microseconds, so one per task costs at most ~2% above this; shorter
+# tasks report once per batch.
+STREAM_ABOVE_SECONDS = 0.0002
+# How long a stopping worker may take to exit before it is killed.
 STOP_GRACE_SECONDS = 2.0
+# shutdown(cancel_futures=True): how long running tasks may take to finish
+# before their workers are killed (the contract: return within 2 s).
+CANCEL_GRACE_SECONDS = 1.0
+# Workers that die before they are ready, in a row, before the pool gives up
+# (when no worker of the pool was ever ready: the environment is broken).
+FAILED_STARTS_BEFORE_ANY_READY = 2
 
 DEFAULT_START_METHOD = (
     "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -85,17 +101,48 @@ def exit_description(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def _main_guard_hint(method: str) -> str:
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if method == "fork" or path is None:
+        return ""
+    return (
+        f" Under the '{method}' start method each worker first re-imports your main "
+        f"script ({path}); if that script starts work at import time, every worker fails "
+        f'this way: put that code under `if __name__ == "__main__":`.'
+    )
+
+
+def _unpicklable_part(item: Any, style: Style) -> str:
+    """Which argument of a task's input does not pickle, in words."""
+    if style is Style.ONE:
+        return "its argument"
+    args, kwargs = (item, {}) if style is Style.STAR else item
+    for position, value in enumerate(args):
+        try:
+            _worker.dumps(value)
+        except Exception:
+            return f"argument {position}"
+    for name, value in kwargs.items():
+        try:
+            _worker.dumps(value)
+        except Exception:
+            return f"argument {name!r}"
+    return "its arguments"
+
+
 class _Worker:
     __slots__ = (
         "batches",
+        "blame",
         "conn",
         "functions",
         "id",
         "outbox",
         "process",
+        "ready",
         "retiring",
         "sender",
-        "started_work",
+        "task_started",
     )
 
     def __init__(self, worker_id: int, process: Any, conn: Any) -> None:
@@ -106,8 +153,12 @@ class _Worker:
         self.batches: deque[Batch] = deque()
         # Mirror of the worker's function cache: same size, same order of use.
         self.functions: OrderedDict[bytes, None] = OrderedDict()
+        self.ready = False
         self.retiring = False
-        self.started_work = False
+        # Set when fenfa kills the worker on purpose: the error its running task gets.
+        self.blame: BaseException | None = None
+        # When the task now running started, for timeouts (timed batches only).
+        self.task_started = 0.0
         self.sender = threading.Thread(
             target=self._send_loop, daemon=True, name=f"fenfa-send-{worker_id}"
         )
@@ -121,6 +172,18 @@ class _Worker:
                 self.conn.send_bytes(data)
             except OSError:
                 return  # the worker is gone; the manager reaps it and requeues
+
+    def deadline(self) -> float | None:
+        if not self.batches or self.blame is not None:
+            return None
+        limit = self.batches[0].job.timeout
+        return None if limit is None else self.task_started + limit
+
+    def kill(self, blame: BaseException | None) -> None:
+        if self.blame is None:
+            self.blame = blame
+        if self.process.exitcode is None:
+            self.process.kill()
 
 
 _live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
@@ -140,6 +203,13 @@ class ProcessBackend(Backend):
 
     def __init__(self, workers: int, *, start_method: str | None = None, **kwargs: Any) -> None:
         super().__init__(workers, **kwargs)
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # We are a worker being started, re-importing the main script,
+            # and that script starts a pool at import time.
+            raise FenfaError(
+                "a process pool was started while a worker process was importing the main "
+                'script: put the code that starts work under `if __name__ == "__main__":`'
+            )
         method = start_method or DEFAULT_START_METHOD
         self._ctx = multiprocessing.get_context(method)
         self.start_method = method
@@ -161,14 +231,18 @@ class ProcessBackend(Backend):
         self._workers: dict[int, _Worker] = {}
         self._ids = itertools.count()
         self._closing = False
+        self._cancel_at: float | None = None
         self._terminated = False
         self._stopped = False
         self.broken: BaseException | None = None
-        # Workers that died before finishing any work, in a row: a pool whose
+        # Workers that died before they were ready, in a row: a pool whose
         # workers cannot even start must fail its tasks, not respawn forever.
         self._failed_starts = 0
+        self._ever_ready = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Only this process holds the write end: its death is the workers' cue.
+        self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
         for _ in range(workers):
             self._start_worker()
         self._manager = threading.Thread(
@@ -185,7 +259,14 @@ class ProcessBackend(Backend):
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker.worker_main,
             name=f"fenfa-process-{worker_id}",
-            args=(child_conn, worker_id, self._setup, self.max_tasks_per_worker),
+            args=(
+                child_conn,
+                self._lifeline_r,
+                self._lifeline_w,
+                worker_id,
+                self._setup,
+                self.max_tasks_per_worker,
+            ),
         )
         try:
             process.start()
@@ -220,10 +301,9 @@ class ProcessBackend(Backend):
             with self._lock:
                 if self._stopped:
                     raise PoolClosed("the pool has been shut down")
-                if self.broken is not None or self._terminated:
-                    error = self.broken or FenfaError("the pool was terminated")
+                if self.broken is not None:
                     if job.claim():
-                        fail_batch(part, error)
+                        fail_batch(part, self.broken)
                     continue
                 if urgent:
                     self._pending.appendleft(part)
@@ -248,8 +328,9 @@ class ProcessBackend(Backend):
                 if good:
                     parts.append(Batch(batch.job, first, good, batch.attempt))
                     good = []
+                which = _unpicklable_part(item, batch.job.style)
                 error = SerializationError(
-                    f"the input of task {index} could not be pickled: {type(exc).__name__}: {exc}",
+                    f"{which} of task {index} could not be pickled: {type(exc).__name__}: {exc}",
                     index=index,
                     what="argument",
                 )
@@ -269,7 +350,9 @@ class ProcessBackend(Backend):
     def _streams(batch: Batch) -> bool:
         count = len(batch.items)
         return count > 1 and (
-            batch.expected is None or batch.expected / count > STREAM_ABOVE_SECONDS
+            batch.job.timeout is not None
+            or batch.expected is None
+            or batch.expected / count > STREAM_ABOVE_SECONDS
         )
 
     @classmethod
@@ -280,14 +363,19 @@ class ProcessBackend(Backend):
         header = (batch.id, batch.job.payload[0], int(batch.job.style), batch.start, count, stream)
         return frame(BATCH, header, body)
 
-    def _has_room(self, worker: _Worker) -> bool:
-        if worker.retiring:
+    @staticmethod
+    def _has_room(worker: _Worker, batch: Batch) -> bool:
+        if worker.retiring or worker.blame is not None:
             return False
         held = worker.batches
         if not held:
             return True
+        # A timed task must start when it is sent, so it never waits in line,
+        # and nothing waits in line behind one.
         return (
             len(held) == 1
+            and batch.job.timeout is None
+            and held[0].job.timeout is None
             and held[0].expected is not None
             and held[0].expected < PREFETCH_BELOW_SECONDS
         )
@@ -295,8 +383,9 @@ class ProcessBackend(Backend):
     def _assign(self) -> None:
         """Hand pending batches to workers with room. Called with ``_lock`` held."""
         pending = self._pending
+        now = time.monotonic()
         for worker in self._workers.values():
-            while pending and self._has_room(worker):
+            while pending and self._has_room(worker, pending[0]):
                 batch = pending.popleft()
                 if not batch.job.claim():
                     continue
@@ -310,16 +399,59 @@ class ProcessBackend(Backend):
                     if len(worker.functions) > _worker.FUNCTION_CACHE_SIZE:
                         worker.functions.popitem(last=False)
                     worker.outbox.put(frame(FUNC, (key,), data))
+                if not worker.batches:
+                    worker.task_started = now
                 worker.batches.append(batch)
                 worker.outbox.put(batch.wire)
             if not pending:
-                return
+                break
+        if any(batch.job.timeout is not None for batch in pending):
+            self._wake()  # the manager's next deadline may have changed
 
     def idle(self) -> bool:
         with self._lock:
+            if any(batch.job.dropped() for batch in self._pending):
+                self._pending = deque(b for b in self._pending if not b.job.dropped())
             return not self._pending and not any(w.batches for w in self._workers.values())
 
     # -- the manager thread ---------------------------------------------
+
+    def _next_timeout(self) -> float | None:
+        """Seconds until the next deadline (a task's timeout, the cancel grace)."""
+        deadlines = [d for w in self._workers.values() if (d := w.deadline()) is not None]
+        if self._cancel_at is not None:
+            deadlines.append(self._cancel_at)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        cancel_running: list[_Worker] = []
+        with self._lock:
+            for worker in self._workers.values():
+                deadline = worker.deadline()
+                if deadline is not None and now >= deadline:
+                    batch = worker.batches[0]
+                    index = batch.start + batch.done
+                    limit = batch.job.timeout
+                    worker.kill(
+                        TaskTimeout(
+                            f"task {index} ran longer than its timeout of {limit:g} s; "
+                            f"its worker (pid {worker.process.pid}) was killed",
+                            index=index,
+                            limit=limit,
+                        )
+                    )
+            if self._cancel_at is not None and now >= self._cancel_at:
+                self._cancel_at = None
+                cancel_running = [w for w in self._workers.values() if w.batches]
+        if cancel_running:
+            # shutdown(cancel_futures=True) and the grace is over: what still
+            # runs fails, and its workers are killed.
+            self._break(PoolClosed("the pool was shut down while the task ran"), final=False)
+            for worker in cancel_running:
+                worker.kill(None)
 
     def _manage(self) -> None:
         try:
@@ -329,7 +461,8 @@ class ProcessBackend(Backend):
                         break
                     by_conn = {w.conn: w for w in self._workers.values()}
                     by_sentinel = {w.process.sentinel: w for w in self._workers.values()}
-                ready = wait([self._wake_r, *by_conn, *by_sentinel])
+                    timeout = self._next_timeout()
+                ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout)
                 for obj in ready:
                     if obj == self._wake_r:
                         os.read(self._wake_r, 4096)
@@ -338,6 +471,7 @@ class ProcessBackend(Backend):
                 for obj in ready:
                     if obj in by_sentinel:
                         self._reap(by_sentinel[obj])
+                self._enforce_deadlines()
         except BaseException as exc:  # pragma: no cover - a bug in fenfa itself
             self._break(FenfaError(f"fenfa's process manager failed: {exc!r}"))
             raise
@@ -353,16 +487,21 @@ class ProcessBackend(Backend):
         kind, header, body = unframe(message)
         if kind == RESULT:
             self._results(worker, header, body)
+        elif kind == READY:
+            with self._lock:
+                worker.ready = True
+                self._ever_ready = True
+                self._failed_starts = 0
         elif kind == RETIRE:
             with self._lock:
                 worker.retiring = True
                 self._requeue(worker)
-                if not self._closing:
-                    self._start_worker()
+                self._start_worker()
                 self._assign()
         elif kind == INIT_FAILED:
             error = unpack_exception(header)
-            error.add_note(f"fenfa: raised by the initializer of worker {worker.id}")
+            name = getattr(self.initializer, "__qualname__", repr(self.initializer))
+            error.add_note(f"fenfa: raised by the initializer {name}() in worker {worker.id}")
             self._break(error)
         return True
 
@@ -371,8 +510,6 @@ class ProcessBackend(Backend):
         if not worker.batches or worker.batches[0].id != batch_id:
             return  # the pool broke and already failed this batch
         batch = worker.batches[0]
-        worker.started_work = True
-        self._failed_starts = 0
         pieces: list[Piece] = []
         try:
             payloads = pickle.loads(body)
@@ -391,6 +528,7 @@ class ProcessBackend(Backend):
                 pieces.append(Ok(start, payload) if ok else Err(start, unpack_exception(payload)))
         with self._lock:
             batch.done += sum(span[1] for span in spans)
+            worker.task_started = time.monotonic()
             if batch.done >= len(batch.items):
                 worker.batches.popleft()
                 self._assign()
@@ -417,44 +555,47 @@ class ProcessBackend(Backend):
         code = worker.process.exitcode
         worker.outbox.put(None)
         worker.conn.close()
-        crashed: tuple[Batch, int] | None = None
+        blamed: tuple[Batch, int, BaseException] | None = None
         with self._lock:
             del self._workers[worker.id]
-            if not worker.retiring and worker.batches:
+            if worker.batches and (worker.blame is not None or worker.ready):
                 batch = worker.batches[0]
-                if self._streams(batch) or len(batch.items) - batch.done == 1:
+                index = batch.start + batch.done
+                last = index + 1 == batch.start + len(batch.items)
+                if worker.blame is not None or self._streams(batch) or last:
                     # Tasks reported one by one: the first unreported one was running.
-                    crashed = (batch, batch.start + batch.done)
+                    error = worker.blame or WorkerCrashed(
+                        f"worker {worker.id} (pid {worker.process.pid}) "
+                        f"{exit_description(code)} while running task {index}",
+                        index=index,
+                        exitcode=code,
+                    )
+                    blamed = (batch, index, error)
                     batch.done += 1
                 else:
                     # Results of this batch come at its end, so which task was
                     # running is unknown: run the rest again, reporting task by
                     # task, and the crash, if it comes again, is pinned exactly.
                     batch.expected = None
-            elif not worker.retiring:
+            elif not worker.ready and not worker.retiring:
                 self._failed_starts += 1
             self._requeue(worker)
-            replace = not self._closing and self.broken is None
-        if crashed is not None:
-            batch, index = crashed
-            error = WorkerCrashed(
-                f"worker {worker.id} (pid {worker.process.pid}) {exit_description(code)} "
-                f"while running task {index}",
-                index=index,
-                exitcode=code,
-            )
+            # Replaced even while closing: queued work must still run.
+            replace = self.broken is None and not worker.retiring
+        if blamed is not None:
+            batch, index, error = blamed
             batch.job.deliver(batch, [Err(index, error)], 0.0)
-        if self._failed_starts > 2 * self.workers + 2:
+        limit = 2 * self.workers + 2 if self._ever_ready else FAILED_STARTS_BEFORE_ANY_READY
+        if self._failed_starts >= limit:
             self._break(
                 WorkerCrashed(
-                    f"worker processes keep dying before they run anything (the last one "
-                    f"{exit_description(code)}); is the environment able to start "
-                    f"'{self.start_method}' workers?",
+                    f"worker processes keep dying before they are ready (the last one "
+                    f"{exit_description(code)})." + _main_guard_hint(self.start_method),
                     exitcode=code,
                 )
             )
             return
-        if replace and not worker.retiring:
+        if replace:
             try:
                 self._start_worker()
             except Exception as exc:
@@ -463,10 +604,10 @@ class ProcessBackend(Backend):
         with self._lock:
             self._assign()
 
-    def _break(self, error: BaseException) -> None:
-        """The pool cannot run tasks any more: fail everything queued or held."""
+    def _break(self, error: BaseException, *, final: bool = True) -> None:
+        """Fail everything queued or held; with ``final``, every later task too."""
         with self._lock:
-            if self.broken is None:
+            if final and self.broken is None:
                 self.broken = error
             failed = list(self._pending)
             self._pending.clear()
@@ -475,8 +616,16 @@ class ProcessBackend(Backend):
                 worker.batches.clear()
         for batch in failed:
             if batch.job.claim():
-                fail_batch(batch, self.broken)
+                fail_batch(batch, error)
         self._wake()
+
+    def abandon(self, job: Job) -> None:
+        """The caller gave up on ``job`` (Ctrl-C): kill the workers running its tasks."""
+        job.cancelled = True
+        with self._lock:
+            for worker in self._workers.values():
+                if worker.batches and worker.batches[0].job is job:
+                    worker.kill(PoolClosed("the call was interrupted"))
 
     # -- stopping -------------------------------------------------------
 
@@ -497,11 +646,15 @@ class ProcessBackend(Backend):
                 worker.process.join()
             worker.sender.join()
             worker.conn.close()
+        self._lifeline_w.close()
+        self._lifeline_r.close()
         _live.discard(self)
 
-    def shutdown(self, wait: bool = True) -> None:
+    def shutdown(self, wait: bool = True, *, cancel: bool = False) -> None:
         with self._lock:
             self._closing = True
+            if cancel and self._cancel_at is None:
+                self._cancel_at = time.monotonic() + CANCEL_GRACE_SECONDS
         self._wake()
         if wait and self._manager is not threading.current_thread():
             self._manager.join()
@@ -512,9 +665,8 @@ class ProcessBackend(Backend):
             self._closing = True
             self._terminated = True
             workers = list(self._workers.values())
-        self._break(FenfaError("the pool was terminated"))
+        self._break(PoolClosed("the pool was terminated"))
         for worker in workers:
-            if worker.process.exitcode is None:
-                worker.process.kill()
+            worker.kill(None)
         if self._manager.is_alive() and self._manager is not threading.current_thread():
             self._manager.join()

@@ -4,7 +4,9 @@ It is the oracle every other backend is tested against, and what a user
 reaches for under a debugger: breakpoints and tracebacks work as in a plain
 loop. A ``KeyboardInterrupt`` raised in a task propagates at once instead of
 being recorded as that task's failure: in the caller's own thread it cannot
-be told apart from the user pressing Ctrl-C.
+be told apart from the user pressing Ctrl-C. Nothing can interrupt the
+caller's own thread, so a ``timeout`` is checked when the task returns: a
+task that ran over fails with ``TaskTimeout``, its result discarded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..tasks import Batch, Piece, attach_traceback, caller, run_batch
+from ..errors import TaskTimeout
+from ..tasks import Batch, Err, Ok, Piece, attach_traceback, caller, run_batch
 from ..worker import restore_slot, set_slot
 from .base import Backend
 
@@ -21,6 +24,29 @@ def _report(exc: BaseException) -> BaseException:
     if isinstance(exc, KeyboardInterrupt):
         raise exc
     return attach_traceback(exc)
+
+
+def _run_timed(fn: Any, start: int, items: list[Any], limit: float, emit: Any) -> int:
+    for index, item in enumerate(items, start):
+        begin = time.monotonic()
+        try:
+            piece: Piece = Ok(index, [fn(item)])
+        except BaseException as exc:
+            piece = Err(index, _report(exc))
+        took = time.monotonic() - begin
+        if took > limit:
+            piece = Err(
+                index,
+                TaskTimeout(
+                    f"task {index} took {took:.3g} s, longer than its timeout of {limit:g} s "
+                    "(the serial backend runs in the caller and cannot interrupt a task: "
+                    "its result was discarded)",
+                    index=index,
+                    limit=limit,
+                ),
+            )
+        emit(piece)
+    return len(items)
 
 
 class SerialBackend(Backend):
@@ -44,9 +70,11 @@ class SerialBackend(Backend):
                 if self.initializer is not None:
                     self.initializer(*self.initargs)
             begin = time.perf_counter()
-            ran = run_batch(
-                caller(job.fn, job.style), batch.start, batch.items, pieces.append, False, _report
-            )
+            call = caller(job.fn, job.style)
+            if job.timeout is None:
+                ran = run_batch(call, batch.start, batch.items, pieces.append, False, _report)
+            else:
+                ran = _run_timed(call, batch.start, batch.items, job.timeout, pieces.append)
             busy = time.perf_counter() - begin
         finally:
             restore_slot(previous)
@@ -59,5 +87,5 @@ class SerialBackend(Backend):
             self._tasks_run = 0
         job.deliver(batch, pieces, busy)
 
-    def shutdown(self, wait: bool = True) -> None:
+    def shutdown(self, wait: bool = True, *, cancel: bool = False) -> None:
         pass

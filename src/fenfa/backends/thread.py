@@ -1,9 +1,14 @@
-"""The thread backend: a fixed set of threads sharing one queue of batches.
+"""The thread backend: a set of threads sharing one queue of batches.
 
 Threads suit tasks that wait (network, disk, subprocesses) and C code that
 releases the GIL (NumPy, hashlib, zlib). A running thread cannot be stopped
-from outside: when a call is cancelled, batches not yet started are dropped
-and a task already running finishes, its result discarded.
+from outside, so when a task must be given up on (its ``timeout`` passed, the
+caller pressed Ctrl-C, ``shutdown(cancel_futures=True)``) the thread is
+*abandoned*: the task is reported at once (``TaskTimeout``, ``PoolClosed``),
+the rest of its batch goes back to the queue, a fresh thread takes its place,
+and the abandoned one leaves as soon as its task returns, its result
+discarded. A watchdog thread, started with the first timed batch, keeps the
+deadlines.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import time
 from collections import deque
 from typing import Any
 
-from ..tasks import Batch, Err, Piece, attach_traceback, caller, run_batch
+from ..errors import PoolClosed, TaskTimeout
+from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, run_batch
 from ..worker import set_slot
 from .base import Backend
+
+# shutdown(cancel_futures=True): how long running tasks may take before their
+# threads are abandoned (the contract: return within 2 s).
+CANCEL_GRACE_SECONDS = 1.0
 
 
 class WorkQueue:
@@ -54,27 +64,46 @@ def fail_batch(batch: Batch, exc: BaseException) -> None:
     batch.job.deliver(batch, pieces, 0.0)
 
 
+class _Slot:
+    """What one thread is running, shared with the watchdog under the backend's lock."""
+
+    __slots__ = ("abandoned", "batch", "deadline", "index")
+
+    def __init__(self) -> None:
+        self.batch: Batch | None = None
+        self.index = 0
+        self.deadline: float | None = None
+        self.abandoned = False
+
+
 class ThreadBackend(Backend):
     name = "thread"
 
     def __init__(self, workers: int, **kwargs: Any) -> None:
         super().__init__(workers, **kwargs)
         self._queue = WorkQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
         self._threads: list[threading.Thread] = []
+        self._slots: dict[int, _Slot] = {}
         self._ids = itertools.count()
         self._closed = False
+        self._watchdog: threading.Thread | None = None
         self.broken: BaseException | None = None
         for _ in range(workers):
             self._start_thread()
 
     def _start_thread(self) -> None:
+        with self._lock:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        """Start one more worker thread; called with the lock held."""
         worker_id = next(self._ids)
         thread = threading.Thread(
             target=self._work, args=(worker_id,), name=f"fenfa-thread-{worker_id}", daemon=True
         )
-        with self._lock:
-            self._threads.append(thread)
+        self._threads.append(thread)
+        self._slots[worker_id] = _Slot()
         thread.start()
 
     def submit(self, batch: Batch, *, urgent: bool = False) -> None:
@@ -82,9 +111,14 @@ class ThreadBackend(Backend):
             if batch.job.claim():
                 fail_batch(batch, self.broken)
             return
+        if batch.job.timeout is not None:
+            self._start_watchdog()
         self._queue.put(batch, front=urgent)
 
+    # -- a worker thread --------------------------------------------------
+
     def _work(self, worker_id: int) -> None:
+        slot = self._slots[worker_id]
         state: dict[str, Any] = {}
         set_slot(worker_id, self.name, state)
         if self.initializer is not None:
@@ -93,44 +127,160 @@ class ThreadBackend(Backend):
             except BaseException as exc:
                 # Stay and fail every batch that reaches this thread, so that
                 # work never waits for a worker that will not come.
-                self._break(attach_traceback(exc))
+                name = getattr(self.initializer, "__qualname__", repr(self.initializer))
+                attach_traceback(exc).add_note(
+                    f"fenfa: raised by the initializer {name}() in worker {worker_id}"
+                )
+                self._break(exc)
         budget = self.max_tasks_per_worker
-        while True:
-            batch = self._queue.get()
-            if batch is None:
-                return
-            if self.broken is not None:
-                if batch.job.claim():
-                    fail_batch(batch, self.broken)
-                continue
-            job = batch.job
-            if not job.claim():
-                continue
-            items = batch.items
-            if budget is not None and budget < len(items):
-                # Run what this worker still may; the rest goes back first in line.
-                rest = Batch(job, batch.start + budget, items[budget:], batch.attempt)
-                items = items[:budget]
-                self._queue.put(rest, front=True)
+        try:
+            while True:
+                batch = self._queue.get()
+                if batch is None:
+                    return
+                if self.broken is not None:
+                    if batch.job.claim():
+                        fail_batch(batch, self.broken)
+                    continue
+                if not batch.job.claim():
+                    continue
+                if budget is not None and budget < len(batch.items):
+                    # Run what this worker still may; the rest goes back first in line.
+                    rest = Batch(
+                        batch.job, batch.start + budget, batch.items[budget:], batch.attempt
+                    )
+                    batch.items = batch.items[:budget]
+                    self._queue.put(rest, front=True)
+                ran = self._run(slot, batch)
+                if ran is None:
+                    return  # abandoned: a replacement already took this thread's place
+                if budget is not None:
+                    budget -= ran
+                    if budget <= 0:
+                        # Retire: a fresh thread (new id, new state) takes this one's place.
+                        self._start_thread()
+                        return
+        finally:
+            with self._lock:
+                self._slots.pop(worker_id, None)
+
+    def _run(self, slot: _Slot, batch: Batch) -> int | None:
+        """Run one batch; the number of tasks run, or None if this thread was abandoned."""
+        job = batch.job
+        call = caller(job.fn, job.style)
+        if job.timeout is None:
+            with self._lock:
+                slot.batch = batch
             pieces: list[Piece] = []
             begin = time.perf_counter()
-            ran = run_batch(
-                caller(job.fn, job.style),
-                batch.start,
-                items,
-                pieces.append,
-                False,
-                attach_traceback,
-            )
+            ran = run_batch(call, batch.start, batch.items, pieces.append, False, attach_traceback)
             busy = time.perf_counter() - begin
+            with self._lock:
+                slot.batch = None
+                if slot.abandoned:
+                    return None
             batch.done = ran
             job.deliver(batch, pieces, busy)
-            if budget is not None:
-                budget -= ran
-                if budget <= 0:
-                    # Retire: a fresh thread (new id, new state) takes this one's place.
-                    self._start_thread()
+            return ran
+        # Timed: one task at a time, each under the watchdog's eye.
+        for offset, item in enumerate(batch.items):
+            index = batch.start + offset
+            begin = time.perf_counter()
+            with self._lock:
+                slot.batch, slot.index = batch, index
+                slot.deadline = time.monotonic() + job.timeout
+                self._lock.notify_all()
+            piece: Piece
+            try:
+                piece = Ok(index, [call(item)])
+            except BaseException as exc:
+                piece = Err(index, attach_traceback(exc))
+            with self._lock:
+                slot.batch, slot.deadline = None, None
+                if slot.abandoned:
+                    return None
+                batch.done = offset + 1
+            job.deliver(batch, [piece], time.perf_counter() - begin)
+        return len(batch.items)
+
+    # -- giving up on running tasks --------------------------------------
+
+    def _abandon(self, slot: _Slot, error: BaseException | None, reports: list[Any]) -> None:
+        """Give up on the task ``slot`` runs (called with the lock held).
+
+        Its task is reported with ``error`` (added to ``reports``, to be
+        delivered once the lock is released; nothing when None), the rest of
+        its batch is requeued, and a fresh thread takes its place.
+        """
+        batch = slot.batch
+        if batch is None or slot.abandoned:
+            return
+        slot.abandoned = True
+        timed = batch.job.timeout is not None
+        index = slot.index if timed else batch.start
+        rest_start = index + 1 if timed else batch.start + len(batch.items)
+        if rest_start < batch.start + len(batch.items):
+            tail = batch.items[rest_start - batch.start :]
+            rest = Batch(batch.job, rest_start, tail, batch.attempt)
+            self._queue.put(rest, front=True)
+        if error is not None:
+            report = Batch(batch.job, index, [batch.item(index)], batch.attempt)
+            reports.append((report, [Err(index, error)]))
+        self._spawn()
+
+    @staticmethod
+    def _deliver(reports: list[Any]) -> None:
+        for batch, pieces in reports:
+            batch.job.deliver(batch, pieces, 0.0)
+
+    def _start_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog is None and not self._closed:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="fenfa-thread-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _watch(self) -> None:
+        reports: list[Any] = []
+        while True:
+            with self._lock:
+                if self._closed and not any(s.batch for s in self._slots.values()):
                     return
+                deadline = self._expire(reports)
+                if not reports:
+                    self._lock.wait(max(0.0, deadline - time.monotonic()))
+            self._deliver(reports)
+            reports.clear()
+
+    def _expire(self, reports: list[Any]) -> float:
+        """Abandon every task past its deadline; returns the next deadline (lock held)."""
+        now = time.monotonic()
+        deadlines = []
+        for slot in list(self._slots.values()):
+            batch = slot.batch
+            if slot.deadline is None or slot.abandoned or batch is None:
+                continue
+            if now < slot.deadline:
+                deadlines.append(slot.deadline)
+                continue
+            limit = batch.job.timeout
+            error = TaskTimeout(
+                f"task {slot.index} ran longer than its timeout of {limit:g} s; its thread "
+                "was abandoned (a thread cannot be stopped: the task goes on in the "
+                "background and its result is discarded)",
+                index=slot.index,
+                limit=limit,
+            )
+            self._abandon(slot, error, reports)
+        return min(deadlines) if deadlines else now + 0.5
+
+    def abandon(self, job: Job) -> None:
+        job.cancelled = True
+        with self._lock:
+            for slot in list(self._slots.values()):
+                if slot.batch is not None and slot.batch.job is job:
+                    self._abandon(slot, None, [])
 
     def _break(self, exc: BaseException) -> None:
         """An initializer failed: every task still queued, and every later one, fails."""
@@ -141,25 +291,46 @@ class ThreadBackend(Backend):
             elif batch.job.claim():
                 fail_batch(batch, exc)
 
-    def shutdown(self, wait: bool = True) -> None:
+    # -- stopping ----------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel: bool = False) -> None:
         with self._lock:
-            if self._closed:
-                threads = list(self._threads)
-            else:
+            threads = list(self._threads)
+            if not self._closed:
                 self._closed = True
-                threads = list(self._threads)
+                self._lock.notify_all()
                 # One stop signal per running thread, behind the queued work. A
                 # thread that retires hands its signal on to its replacement.
-                alive = sum(t.is_alive() for t in threads)
-                for _ in range(alive):
+                for _ in range(sum(t.is_alive() for t in threads)):
                     self._queue.put(None)
-        if wait:
-            current = threading.current_thread()
-            while True:
-                for thread in threads:
-                    if thread is not current:
-                        thread.join()
-                with self._lock:
-                    if len(self._threads) == len(threads):
-                        break
-                    threads = list(self._threads)
+        if not wait:
+            return
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS if cancel else None
+        if not self._join(deadline):
+            # The grace is over: give up on what still runs.
+            reports: list[Any] = []
+            with self._lock:
+                error = PoolClosed("the pool was shut down while the task ran")
+                for slot in list(self._slots.values()):
+                    self._abandon(slot, error, reports)
+            self._deliver(reports)
+            return
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog is not threading.current_thread():
+            watchdog.join()
+
+    def _join(self, deadline: float | None) -> bool:
+        """Join every worker thread, replacements included; False if the deadline passed."""
+        current = threading.current_thread()
+        joined = 0
+        while True:
+            with self._lock:
+                threads = self._threads[joined:]
+            if not threads:
+                return True
+            for thread in threads:
+                if thread is not current:
+                    thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    if thread.is_alive():
+                        return False
+            joined += len(threads)
