@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from operator import length_hint
@@ -127,6 +127,9 @@ class _Run:
         self.background = False
         self._job = Job(fn, style, self._deliver)
         self._job.timeout = options.timeout
+        # Nothing after a failure will be used: a backend that runs tasks in
+        # order (serial) stops there, as builtins.map does.
+        self._job.stop_on_error = options.on_error == "raise" and options.retries == 0
         self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
         workers = self._backend.workers
         self._sizer = ChunkSizer(workers, total, options.chunksize)
@@ -174,6 +177,8 @@ class _Run:
             self._unfinished += len(items)
             self._probes += probing
             self._pool._submit_batch(batch, internal=self.background)
+            if self._backend.inline:
+                return  # it ran already: look at its outcome before running more
 
     # -- taking results -------------------------------------------------
 
@@ -231,7 +236,7 @@ class _Run:
             self._cursor += entry[0]
         return entry
 
-    def pieces(self) -> Iterator[list[Any]]:
+    def pieces(self) -> Generator[list[Any], None, None]:
         """Lists of results, in the order the call promised; cleans up however it is left.
 
         A piece counts against the window until the consumer asks for the
@@ -260,9 +265,13 @@ class _Run:
             self.cancel()
 
     def results(self) -> Iterator[Any]:
-        # chain() hands the values out in C: a Python generator here costs
-        # more per tiny task than the dispatch itself.
-        return itertools.chain.from_iterable(self.pieces())
+        """One value at a time; a generator, so ``close()`` cancels the call."""
+        pieces = self.pieces()
+        try:
+            for values in pieces:
+                yield from values
+        finally:
+            pieces.close()
 
     def collect(self) -> list[Any]:
         out: list[Any] = []

@@ -64,7 +64,7 @@ class Job:
     spent on them (the adaptive chunk size feeds on that).
     """
 
-    __slots__ = ("cancelled", "deliver", "fn", "payload", "style", "timeout")
+    __slots__ = ("cancelled", "deliver", "fn", "payload", "stop_on_error", "style", "timeout")
 
     def __init__(
         self,
@@ -78,6 +78,8 @@ class Job:
         self.cancelled = False
         # Seconds each task may run (the ``timeout`` option), or None.
         self.timeout: float | None = None
+        # Whether tasks after a failed one are wanted (see SerialBackend).
+        self.stop_on_error = False
         # (key, pickled fn), filled by a process backend the first time it
         # needs it, so the function is pickled once per call, not per batch.
         self.payload: tuple[bytes, bytes] | None = None
@@ -146,6 +148,7 @@ def run_batch(
     emit: Callable[[Piece], None],
     stream: bool,
     on_error: Callable[[BaseException], Any],
+    stop: bool = False,
 ) -> int:
     """Run ``call`` over ``items`` and hand the pieces to ``emit``.
 
@@ -154,7 +157,8 @@ def run_batch(
     message per batch). ``on_error`` turns a raised exception into what is
     reported (a local backend attaches the traceback; a process worker packs
     it). Every ``BaseException`` is the task's failure: a task that raises
-    ``SystemExit`` fails, it does not stop the worker. Returns the count run.
+    ``SystemExit`` fails, it does not stop the worker. With ``stop``, the
+    batch ends at its first failure. Returns the count run.
     """
     if stream:
         index = start - 1
@@ -163,6 +167,8 @@ def run_batch(
                 value = call(item)
             except BaseException as exc:
                 emit(Err(index, on_error(exc)))
+                if stop:
+                    break
             else:
                 emit(Ok(index, [value]))
         return index + 1 - start
@@ -183,6 +189,8 @@ def run_batch(
                 values = []
             emit(Err(failed, on_error(exc)))
             first = failed + 1
+            if stop:
+                return first - start
             continue
         break
     if values:

@@ -35,6 +35,8 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: Whether results must cross a process boundary (so must be picklable).
     remote: ClassVar[bool] = False
+    #: Whether ``submit`` runs the batch right away, in the caller.
+    inline: ClassVar[bool] = False
 
     def __init__(
         self,

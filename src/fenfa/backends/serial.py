@@ -2,22 +2,25 @@
 
 It is the oracle every other backend is tested against, and what a user
 reaches for under a debugger: breakpoints and tracebacks work as in a plain
-loop. A ``KeyboardInterrupt`` raised in a task propagates at once instead of
-being recorded as that task's failure: in the caller's own thread it cannot
-be told apart from the user pressing Ctrl-C. Nothing can interrupt the
-caller's own thread, so a ``timeout`` is checked when the task returns: a
-task that ran over fails with ``TaskTimeout``, its result discarded.
+loop, and a failing ``map`` stops at the failure, as ``builtins.map`` does.
+A ``KeyboardInterrupt`` raised in a task propagates at once instead of being
+recorded as that task's failure: in the caller's own thread it cannot be
+told apart from the user pressing Ctrl-C. Nothing can interrupt the caller's
+own thread, so a ``timeout`` is checked when the task returns: a task that
+ran over fails with ``TaskTimeout``, its result discarded.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import TaskTimeout
 from ..tasks import Batch, Err, Ok, Piece, attach_traceback, caller, run_batch
 from ..worker import restore_slot, set_slot
 from .base import Backend
+from .thread import fail_batch
 
 
 def _report(exc: BaseException) -> BaseException:
@@ -26,15 +29,22 @@ def _report(exc: BaseException) -> BaseException:
     return attach_traceback(exc)
 
 
-def _run_timed(fn: Any, start: int, items: list[Any], limit: float, emit: Any) -> int:
+def _run_timed(
+    call: Callable[[Any], Any],
+    start: int,
+    items: list[Any],
+    limit: float,
+    stop: bool,
+    emit: Callable[[Piece], None],
+) -> int:
+    """Run the tasks in order, each checked against ``limit`` when it returns."""
     for index, item in enumerate(items, start):
         begin = time.monotonic()
         try:
-            piece: Piece = Ok(index, [fn(item)])
+            piece: Piece = Ok(index, [call(item)])
         except BaseException as exc:
             piece = Err(index, _report(exc))
-        took = time.monotonic() - begin
-        if took > limit:
+        if (took := time.monotonic() - begin) > limit:
             piece = Err(
                 index,
                 TaskTimeout(
@@ -46,17 +56,21 @@ def _run_timed(fn: Any, start: int, items: list[Any], limit: float, emit: Any) -
                 ),
             )
         emit(piece)
+        if stop and isinstance(piece, Err):
+            return index + 1 - start
     return len(items)
 
 
 class SerialBackend(Backend):
     name = "serial"
+    inline = True
 
     def __init__(self, workers: int = 1, **kwargs: Any) -> None:
         super().__init__(1, **kwargs)
         self._state: dict[str, Any] = {}
         self._started = False
         self._tasks_run = 0
+        self.broken: BaseException | None = None
 
     def submit(self, batch: Batch, *, urgent: bool = False) -> None:
         job = batch.job
@@ -67,14 +81,31 @@ class SerialBackend(Backend):
         try:
             if not self._started:
                 self._started = True
-                if self.initializer is not None:
-                    self.initializer(*self.initargs)
+                self._initialize()
+            if self.broken is not None:
+                fail_batch(batch, self.broken)
+                return
             begin = time.perf_counter()
             call = caller(job.fn, job.style)
             if job.timeout is None:
-                ran = run_batch(call, batch.start, batch.items, pieces.append, False, _report)
+                ran = run_batch(
+                    call,
+                    batch.start,
+                    batch.items,
+                    pieces.append,
+                    False,
+                    _report,
+                    job.stop_on_error,
+                )
             else:
-                ran = _run_timed(call, batch.start, batch.items, job.timeout, pieces.append)
+                ran = _run_timed(
+                    call,
+                    batch.start,
+                    batch.items,
+                    job.timeout,
+                    job.stop_on_error,
+                    pieces.append,
+                )
             busy = time.perf_counter() - begin
         finally:
             restore_slot(previous)
@@ -86,6 +117,17 @@ class SerialBackend(Backend):
             self._started = False
             self._tasks_run = 0
         job.deliver(batch, pieces, busy)
+
+    def _initialize(self) -> None:
+        if self.initializer is None:
+            return
+        try:
+            self.initializer(*self.initargs)
+        except Exception as exc:
+            # As on the other backends: this and every later task fails with it.
+            name = getattr(self.initializer, "__qualname__", repr(self.initializer))
+            attach_traceback(exc).add_note(f"fenfa: raised by the initializer {name}()")
+            self.broken = exc
 
     def shutdown(self, wait: bool = True, *, cancel: bool = False) -> None:
         pass

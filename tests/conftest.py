@@ -1,0 +1,96 @@
+"""Shared fixtures: the backend matrix and the leak check every test runs under.
+
+The leak check is the test-side half of "nothing ever hangs, every child is
+reaped" (DESIGN.md §3): a test that leaves a thread or a child process behind
+fails, even when everything it asserted was right.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import fenfa.api
+
+#: Every backend the contract suite runs on. The serial backend is the oracle:
+#: each test compares the other backends' output with serial's for the same call.
+BACKENDS = ["serial", "thread", "process"]
+
+#: How long teardown waits for threads and children to go away. A deadline
+#: for cleanup that is already under way, not a synchronisation: a correct
+#: shutdown(wait=True) leaves nothing to wait for, and a zombie that a
+#: forkserver has not reaped yet takes milliseconds.
+LEAK_DEADLINE = 5.0
+
+
+def _helper_pids() -> set[int]:
+    """multiprocessing's own long-lived helpers: started once, live until exit.
+
+    Their children are *not* excluded: the forkserver's children are the
+    pool's worker processes, exactly what the check is for.
+    """
+    pids: set[int] = set()
+    forkserver = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid = getattr(forkserver, "_forkserver_pid", None)
+    if pid is not None:
+        pids.add(pid)
+    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    pid = getattr(tracker, "_pid", None)
+    if pid is not None:
+        pids.add(pid)
+    return pids
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} ({proc.status()}): {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return f"pid {proc.pid} (gone)"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves new threads or child processes behind.
+
+    Module-level calls (``fenfa.map`` ...) keep a default pool alive on
+    purpose, so those are shut down first; whatever is left after that is a leak.
+    """
+    me = psutil.Process()
+    threads_before = set(threading.enumerate())
+    children_before = {p.pid for p in me.children(recursive=True)}
+    yield
+    fenfa.api._shutdown_default_pools()
+    deadline = time.monotonic() + LEAK_DEADLINE
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        helpers = _helper_pids()
+        children = [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in children_before and p.pid not in helpers
+        ]
+        if not threads and not children:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    lines = [f"thread {t.name!r} (daemon={t.daemon})" for t in threads]
+    lines += [f"child {_describe(p)}" for p in children]
+    pytest.fail(
+        f"test leaked {len(threads)} thread(s) and {len(children)} child process(es) "
+        f"still alive {LEAK_DEADLINE:g} s after teardown:\n  " + "\n  ".join(lines),
+        pytrace=False,
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The name of the backend under test; serial is the oracle."""
+    name: str = request.param
+    return name
