@@ -6,6 +6,7 @@ are the cases the core already has to get right to never hang.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -156,3 +157,14 @@ def test_shutdown_waits_for_submitted_work() -> None:
     assert [f.result(timeout=0) for f in futures] == [x * x for x in range(20)]
     with pytest.raises(fenfa.PoolClosed):
         pool.submit(square, 1)
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_dropped_pool_lets_its_workers_go(backend: str) -> None:
+    # No shutdown(): garbage collection of the pool stops its workers, as
+    # concurrent.futures' executors do. The leak fixture fails this test if
+    # any thread or process of the pool is still alive after it.
+    pool = fenfa.Pool(backend, 2)
+    assert pool.map(square, range(10)) == [x * x for x in range(10)]
+    del pool
+    gc.collect()

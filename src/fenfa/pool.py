@@ -20,6 +20,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
@@ -397,6 +398,9 @@ class Pool:
         # Threads driving map_async calls; shutdown lets them finish first.
         self._drivers: set[threading.Thread] = set()
         self._stop_after_drivers = False
+        # A pool dropped without shutdown() still lets its workers go: as
+        # concurrent.futures' executors do when they are garbage collected.
+        weakref.finalize(self, self._backend.shutdown, wait=False)
 
     def __repr__(self) -> str:
         return f"<fenfa.Pool backend={self.backend!r} workers={self.workers} {self._state.value}>"

@@ -135,6 +135,7 @@ class ThreadBackend(Backend):
         budget = self.max_tasks_per_worker
         try:
             while True:
+                batch = None  # hold no finished job (nor its pool) while waiting
                 batch = self._queue.get()
                 if batch is None:
                     return
