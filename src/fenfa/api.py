@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
-from .pool import POOL_ONLY_OPTIONS, Pool, resolve_backend
+from .options import POOL_ONLY_OPTIONS
+from .pool import Pool, resolve_backend
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -1,288 +1,28 @@
-"""The Pool: options, lifecycle, and the window that every call runs through.
+"""The Pool: options, lifecycle, backend selection, and single calls.
 
-A call (``map``, ``imap``...) becomes a :class:`_Run`. The run pulls items
-from the input only when it has room, cuts them into batches whose size the
-:class:`~fenfa.tasks.ChunkSizer` picks from measured task times, hands them
-to the backend, and takes the pieces that come back off one queue. Window,
-chunking, retries, error handling and ordering live here, once, for every
-backend; a backend only runs batches.
-
-The window counts every task pulled from the input and not yet handed to the
-consumer, results waiting in the reorder buffer included: a slow first task
-in an ordered ``imap`` stops the input being pulled, instead of letting
-finished results pile up behind it.
+Calls over many inputs run through :class:`fenfa.window.Run`; single calls
+(``submit``, ``apply``) through a :class:`_FutureJob` whose outcome goes to a
+``concurrent.futures.Future``.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
-import queue
 import threading
-import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
 from operator import length_hint
 from typing import Any, ParamSpec, TypeVar
 
 from .backends import Backend, backend_class, check_name, default_workers
-from .errors import PoolClosed, short_repr
-from .tasks import Batch, ChunkSizer, Job, Ok, Piece, Style
+from .errors import PoolClosed
+from .options import START_METHODS, CallOptions, check_callable, positive
+from .tasks import Batch, Job, Ok, Piece, Style
+from .window import Run, annotate
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-ON_ERROR = ("raise", "return", "skip")
-CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error")
-POOL_ONLY_OPTIONS = ("initializer", "initargs", "start_method", "max_tasks_per_worker")
-START_METHODS = ("fork", "forkserver", "spawn")
-
-# The default window holds this many batches per worker: one running, one
-# queued behind it, and room for finished results on their way back and in
-# the reorder buffer, so workers never wait for the consumer's next pull.
-WINDOW_BATCHES_PER_WORKER = 4
-
-
-def _positive(name: str, value: object, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-
-
-@dataclass(frozen=True)
-class CallOptions:
-    """The per-call options, validated; a Pool holds the defaults."""
-
-    chunksize: int | None = None
-    window: int | None = None
-    timeout: float | None = None
-    retries: int = 0
-    on_error: str = "raise"
-
-    def __post_init__(self) -> None:
-        _positive("chunksize", self.chunksize)
-        _positive("window", self.window)
-        if self.timeout is not None and (
-            not isinstance(self.timeout, int | float)
-            or isinstance(self.timeout, bool)
-            or not self.timeout > 0
-        ):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
-        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
-        if self.on_error not in ON_ERROR:
-            raise ValueError(
-                f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, got {self.on_error!r}"
-            )
-
-    def update(self, overrides: dict[str, Any]) -> CallOptions:
-        unknown = [name for name in overrides if name not in CALL_OPTIONS]
-        if unknown:
-            raise TypeError(
-                f"unknown option {unknown[0]!r} for a pool call; "
-                f"options are: {', '.join(CALL_OPTIONS)}"
-            )
-        return replace(self, **overrides) if overrides else self
-
-
-def _check_callable(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__} {short_repr(fn)}")
-
-
-def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseException:
-    tries = f" after {attempts} attempts" if attempts > 1 else ""
-    exc.add_note(f"fenfa: task {index} failed{tries}; input: {short_repr(item)}")
-    return exc
-
-
-class _Run:
-    """One call over many inputs: window, batches, retries, errors, order."""
-
-    def __init__(
-        self,
-        pool: Pool,
-        fn: Callable[..., Any],
-        style: Style,
-        inputs: Iterator[Any],
-        *,
-        total: int | None,
-        ordered: bool,
-        fail_fast: bool,
-        options: CallOptions,
-        deadline: float | None = None,
-    ) -> None:
-        self._pool = pool
-        self._backend = pool._backend
-        self._inputs = inputs
-        self._ordered = ordered
-        self._fail_fast = fail_fast
-        self._options = options
-        self._deadline = deadline
-        # A run driven in the background (map_async) was accepted whole: it
-        # may go on pulling input after shutdown() has been called.
-        self.background = False
-        self._job = Job(fn, style, self._deliver)
-        self._job.timeout = options.timeout
-        # Nothing after a failure will be used: a backend that runs tasks in
-        # order (serial) stops there, as builtins.map does.
-        self._job.stop_on_error = options.on_error == "raise" and options.retries == 0
-        self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
-        workers = self._backend.workers
-        self._sizer = ChunkSizer(workers, total, options.chunksize)
-        self._next = 0  # index of the next item pulled
-        self._exhausted = False
-        self._in_window = 0  # pulled and not yet handed to the consumer
-        self._unfinished = 0  # pulled and without a final outcome yet
-        self._probes = 0
-        # ordered: start index -> (tasks covered, values or an error to raise)
-        self._ready: dict[int, tuple[int, list[Any] | BaseException]] = {}
-        self._cursor = 0
-        self._out: deque[tuple[int, list[Any] | BaseException]] = deque()
-
-    def _deliver(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
-        self._results.put((batch, pieces, busy))
-
-    # -- pulling input --------------------------------------------------
-
-    def fill(self) -> None:
-        backend = self._backend
-        workers = backend.workers
-        per_worker = 1 if backend.name == "serial" else WINDOW_BATCHES_PER_WORKER
-        while not self._exhausted:
-            size = self._sizer.size(self._next)
-            if self._options.window is not None:
-                window = self._options.window
-                size = min(size, max(1, window // workers))
-            else:
-                window = per_worker * workers * size
-            if window - self._in_window < size:
-                # Wait for room for a whole batch: filling every small gap
-                # would echo small batches through the window forever.
-                return
-            probing = self._sizer.task_seconds is None and self._options.chunksize is None
-            if probing and self._probes >= workers:
-                return  # one task per worker until a time is measured
-            items = list(itertools.islice(self._inputs, size))
-            if len(items) < size:
-                self._exhausted = True
-            if not items:
-                return
-            batch = Batch(self._job, self._next, items, expected=self._sizer.expected(len(items)))
-            self._next += len(items)
-            self._in_window += len(items)
-            self._unfinished += len(items)
-            self._probes += probing
-            self._pool._submit_batch(batch, internal=self.background)
-            if self._backend.inline:
-                return  # it ran already: look at its outcome before running more
-
-    # -- taking results -------------------------------------------------
-
-    def _wait(self) -> tuple[Batch, list[Piece], float]:
-        if self._deadline is None:
-            return self._results.get()
-        remaining = self._deadline - time.monotonic()
-        try:
-            return self._results.get(timeout=max(0.0, remaining))
-        except queue.Empty:
-            raise TimeoutError("the results did not all arrive within the timeout") from None
-
-    def _absorb(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
-        tasks = 0
-        options = self._options
-        for piece in pieces:
-            if isinstance(piece, Ok):
-                count = len(piece.values)
-                tasks += count
-                self._unfinished -= count
-                self._put(piece.start, count, piece.values)
-                continue
-            tasks += 1
-            index = piece.index
-            item = batch.item(index)
-            if batch.attempt <= options.retries:
-                retry = Batch(self._job, index, [item], batch.attempt + 1)
-                self._pool._submit_batch(retry, urgent=True, internal=True)
-                continue
-            self._unfinished -= 1
-            error = annotate(piece.error, index, item, batch.attempt)
-            if options.on_error == "return":
-                self._put(index, 1, [error])
-            elif options.on_error == "skip":
-                self._put(index, 1, [])
-            elif self._fail_fast or not self._ordered:
-                raise error
-            else:
-                # Raised when the consumer reaches it; nothing after it is needed.
-                self._put(index, 1, error)
-                self._exhausted = True
-        self._sizer.measured(busy, tasks)
-
-    def _put(self, start: int, count: int, values: list[Any] | BaseException) -> None:
-        if self._ordered:
-            self._ready[start] = (count, values)
-        else:
-            self._out.append((count, values))
-
-    def _take(self) -> tuple[int, list[Any] | BaseException] | None:
-        if not self._ordered:
-            return self._out.popleft() if self._out else None
-        entry = self._ready.pop(self._cursor, None)
-        if entry is not None:
-            self._cursor += entry[0]
-        return entry
-
-    def pieces(self) -> Generator[list[Any], None, None]:
-        """Lists of results, in the order the call promised; cleans up however it is left.
-
-        A piece counts against the window until the consumer asks for the
-        next one, that is, until it has taken every value of this one.
-        """
-        try:
-            while True:
-                self.fill()
-                entry = self._take()
-                if entry is not None:
-                    count, values = entry
-                    if isinstance(values, BaseException):
-                        raise values
-                    yield values
-                    self._in_window -= count
-                    continue
-                if self._exhausted and self._unfinished == 0:
-                    return
-                self._absorb(*self._wait())
-        except KeyboardInterrupt:
-            # Ctrl-C: nobody wants these results; stop the tasks now running
-            # (process workers are killed and replaced).
-            self._backend.abandon(self._job)
-            raise
-        finally:
-            self.cancel()
-
-    def results(self) -> Iterator[Any]:
-        """One value at a time; a generator, so ``close()`` cancels the call."""
-        pieces = self.pieces()
-        try:
-            for values in pieces:
-                yield from values
-        finally:
-            pieces.close()
-
-    def collect(self) -> list[Any]:
-        out: list[Any] = []
-        for values in self.pieces():
-            out.extend(values)
-        return out
-
-    def cancel(self) -> None:
-        """Drop every batch not started yet; running ones finish, unseen."""
-        self._job.cancelled = True
 
 
 class _FutureJob(Job):
@@ -372,14 +112,14 @@ class Pool:
         start_method: str | None = None,
         max_tasks_per_worker: int | None = None,
     ) -> None:
-        _positive("workers", workers)
-        _positive("max_tasks_per_worker", max_tasks_per_worker)
+        positive("workers", workers)
+        positive("max_tasks_per_worker", max_tasks_per_worker)
         if start_method is not None and start_method not in START_METHODS:
             raise ValueError(
                 f"start_method must be one of {', '.join(START_METHODS)}, got {start_method!r}"
             )
         if initializer is not None:
-            _check_callable(initializer)
+            check_callable(initializer)
         self._options = CallOptions(chunksize, window, timeout, retries, on_error)
         self.backend: str = resolve_backend(backend, workers)
         count = workers if workers is not None else default_workers(self.backend)
@@ -462,7 +202,7 @@ class Pool:
         kwargs: dict[str, Any],
         timeout: float | None,
     ) -> Future[R]:
-        _check_callable(fn)
+        check_callable(fn)
         if timeout != self._options.timeout:
             CallOptions(timeout=timeout)  # checks it
         job = _FutureJob(self, fn, self._options.retries, timeout)
@@ -500,11 +240,11 @@ class Pool:
         fail_fast: bool,
         options: dict[str, Any],
         deadline: float | None = None,
-    ) -> _Run:
-        _check_callable(fn)
+    ) -> Run:
+        check_callable(fn)
         call_options = self._options.update(options)
         self._check_open()
-        return _Run(
+        return Run(
             self,
             fn,
             style,
@@ -523,7 +263,7 @@ class Pool:
         ordered: bool,
         fail_fast: bool,
         options: dict[str, Any],
-    ) -> _Run:
+    ) -> Run:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         # Like builtins.map: several iterables stop at the shortest.

@@ -1,0 +1,75 @@
+"""The options of a call and of a pool: names, defaults, and checks at call time.
+
+Every mistake in an option is reported when the call is made, naming the
+option and what was wrong, not when a worker first trips over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import short_repr
+
+ON_ERROR = ("raise", "return", "skip")
+CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error")
+POOL_ONLY_OPTIONS = ("initializer", "initargs", "start_method", "max_tasks_per_worker")
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def positive(name: str, value: object, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The per-call options, validated; a Pool holds the defaults."""
+
+    chunksize: int | None = None
+    window: int | None = None
+    timeout: float | None = None
+    retries: int = 0
+    on_error: str = "raise"
+
+    def __post_init__(self) -> None:
+        positive("chunksize", self.chunksize)
+        positive("window", self.window)
+        if self.timeout is not None and (
+            not isinstance(self.timeout, int | float)
+            or isinstance(self.timeout, bool)
+            or not self.timeout > 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(
+                f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, got {self.on_error!r}"
+            )
+
+    def update(self, overrides: dict[str, Any]) -> CallOptions:
+        unknown = [name for name in overrides if name not in CALL_OPTIONS]
+        if unknown:
+            raise TypeError(
+                f"unknown option {unknown[0]!r} for a pool call; "
+                f"options are: {', '.join(CALL_OPTIONS)}"
+            )
+        return replace(self, **overrides) if overrides else self
+
+
+def check_callable(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__} {short_repr(fn)}")
+
+
+__all__ = [
+    "CALL_OPTIONS",
+    "POOL_ONLY_OPTIONS",
+    "START_METHODS",
+    "CallOptions",
+    "check_callable",
+    "positive",
+]

@@ -1,0 +1,229 @@
+"""One call over many inputs: the in-flight window, batches, retries, errors, order.
+
+A call (``map``, ``imap``...) becomes a :class:`Run`. The run pulls items
+from the input only when it has room, cuts them into batches whose size the
+:class:`~fenfa.tasks.ChunkSizer` picks from measured task times, hands them
+to the backend, and takes the pieces that come back off one queue. Window,
+chunking, retries, error handling and ordering live here, once, for every
+backend; a backend only runs batches.
+
+The window counts every task pulled from the input and not yet handed to the
+consumer, results waiting in the reorder buffer included: a slow first task
+in an ordered ``imap`` stops the input being pulled, instead of letting
+finished results pile up behind it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .errors import short_repr
+from .options import CallOptions
+from .tasks import Batch, ChunkSizer, Job, Ok, Piece, Style
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+# The default window holds this many batches per worker: one running, one
+# queued behind it, and room for finished results on their way back and in
+# the reorder buffer, so workers never wait for the consumer's next pull.
+WINDOW_BATCHES_PER_WORKER = 4
+
+
+def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseException:
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    exc.add_note(f"fenfa: task {index} failed{tries}; input: {short_repr(item)}")
+    return exc
+
+
+class Run:
+    """One call over many inputs: window, batches, retries, errors, order."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., Any],
+        style: Style,
+        inputs: Iterator[Any],
+        *,
+        total: int | None,
+        ordered: bool,
+        fail_fast: bool,
+        options: CallOptions,
+        deadline: float | None = None,
+    ) -> None:
+        self._pool = pool
+        self._backend = pool._backend
+        self._inputs = inputs
+        self._ordered = ordered
+        self._fail_fast = fail_fast
+        self._options = options
+        self._deadline = deadline
+        # A run driven in the background (map_async) was accepted whole: it
+        # may go on pulling input after shutdown() has been called.
+        self.background = False
+        self._job = Job(fn, style, self._deliver)
+        self._job.timeout = options.timeout
+        # Nothing after a failure will be used: a backend that runs tasks in
+        # order (serial) stops there, as builtins.map does.
+        self._job.stop_on_error = options.on_error == "raise" and options.retries == 0
+        self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
+        workers = self._backend.workers
+        self._sizer = ChunkSizer(workers, total, options.chunksize)
+        self._next = 0  # index of the next item pulled
+        self._exhausted = False
+        self._in_window = 0  # pulled and not yet handed to the consumer
+        self._unfinished = 0  # pulled and without a final outcome yet
+        self._probes = 0
+        # ordered: start index -> (tasks covered, values or an error to raise)
+        self._ready: dict[int, tuple[int, list[Any] | BaseException]] = {}
+        self._cursor = 0
+        self._out: deque[tuple[int, list[Any] | BaseException]] = deque()
+
+    def _deliver(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
+        self._results.put((batch, pieces, busy))
+
+    # -- pulling input --------------------------------------------------
+
+    def fill(self) -> None:
+        backend = self._backend
+        workers = backend.workers
+        per_worker = 1 if backend.inline else WINDOW_BATCHES_PER_WORKER
+        while not self._exhausted:
+            size = self._sizer.size(self._next)
+            if self._options.window is not None:
+                window = self._options.window
+                size = min(size, max(1, window // workers))
+            else:
+                window = per_worker * workers * size
+            if window - self._in_window < size:
+                # Wait for room for a whole batch: filling every small gap
+                # would echo small batches through the window forever.
+                return
+            probing = self._sizer.task_seconds is None and self._options.chunksize is None
+            if probing and self._probes >= workers:
+                return  # one task per worker until a time is measured
+            items = list(itertools.islice(self._inputs, size))
+            if len(items) < size:
+                self._exhausted = True
+            if not items:
+                return
+            batch = Batch(self._job, self._next, items, expected=self._sizer.expected(len(items)))
+            self._next += len(items)
+            self._in_window += len(items)
+            self._unfinished += len(items)
+            self._probes += probing
+            self._pool._submit_batch(batch, internal=self.background)
+            if self._backend.inline:
+                return  # it ran already: look at its outcome before running more
+
+    # -- taking results -------------------------------------------------
+
+    def _wait(self) -> tuple[Batch, list[Piece], float]:
+        if self._deadline is None:
+            return self._results.get()
+        remaining = self._deadline - time.monotonic()
+        try:
+            return self._results.get(timeout=max(0.0, remaining))
+        except queue.Empty:
+            raise TimeoutError("the results did not all arrive within the timeout") from None
+
+    def _absorb(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
+        tasks = 0
+        options = self._options
+        for piece in pieces:
+            if isinstance(piece, Ok):
+                count = len(piece.values)
+                tasks += count
+                self._unfinished -= count
+                self._put(piece.start, count, piece.values)
+                continue
+            tasks += 1
+            index = piece.index
+            item = batch.item(index)
+            if batch.attempt <= options.retries:
+                retry = Batch(self._job, index, [item], batch.attempt + 1)
+                self._pool._submit_batch(retry, urgent=True, internal=True)
+                continue
+            self._unfinished -= 1
+            error = annotate(piece.error, index, item, batch.attempt)
+            if options.on_error == "return":
+                self._put(index, 1, [error])
+            elif options.on_error == "skip":
+                self._put(index, 1, [])
+            elif self._fail_fast or not self._ordered:
+                raise error
+            else:
+                # Raised when the consumer reaches it; nothing after it is needed.
+                self._put(index, 1, error)
+                self._exhausted = True
+        self._sizer.measured(busy, tasks)
+
+    def _put(self, start: int, count: int, values: list[Any] | BaseException) -> None:
+        if self._ordered:
+            self._ready[start] = (count, values)
+        else:
+            self._out.append((count, values))
+
+    def _take(self) -> tuple[int, list[Any] | BaseException] | None:
+        if not self._ordered:
+            return self._out.popleft() if self._out else None
+        entry = self._ready.pop(self._cursor, None)
+        if entry is not None:
+            self._cursor += entry[0]
+        return entry
+
+    def pieces(self) -> Generator[list[Any], None, None]:
+        """Lists of results, in the order the call promised; cleans up however it is left.
+
+        A piece counts against the window until the consumer asks for the
+        next one, that is, until it has taken every value of this one.
+        """
+        try:
+            while True:
+                self.fill()
+                entry = self._take()
+                if entry is not None:
+                    count, values = entry
+                    if isinstance(values, BaseException):
+                        raise values
+                    yield values
+                    self._in_window -= count
+                    continue
+                if self._exhausted and self._unfinished == 0:
+                    return
+                self._absorb(*self._wait())
+        except KeyboardInterrupt:
+            # Ctrl-C: nobody wants these results; stop the tasks now running
+            # (process workers are killed and replaced).
+            self._backend.abandon(self._job)
+            raise
+        finally:
+            self.cancel()
+
+    def results(self) -> Iterator[Any]:
+        """One value at a time; a generator, so ``close()`` cancels the call."""
+        pieces = self.pieces()
+        try:
+            for values in pieces:
+                yield from values
+        finally:
+            pieces.close()
+
+    def collect(self) -> list[Any]:
+        out: list[Any] = []
+        for values in self.pieces():
+            out.extend(values)
+        return out
+
+    def cancel(self) -> None:
+        """Drop every batch not started yet; running ones finish, unseen."""
+        self._job.cancelled = True
+
+
+__all__ = ["Run", "annotate"]
