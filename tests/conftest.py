@@ -12,11 +12,13 @@ import multiprocessing.resource_tracker
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
 import fenfa.api
+from helpers import WATCHDOG_SECONDS
 
 #: Every backend the contract suite runs on. The serial backend is the oracle:
 #: each test compares the other backends' output with serial's for the same call.
@@ -87,6 +89,24 @@ def no_leaks() -> Iterator[None]:
         f"still alive {LEAK_DEADLINE:g} s after teardown:\n  " + "\n  ".join(lines),
         pytrace=False,
     )
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> Iterator[Path]:
+    """The file that ends every ``hang``: the test creates it when it is done.
+
+    A watchdog creates it after WATCHDOG_SECONDS, so a pool that never
+    interrupts a hung task leaves a failing test, not a hung session.
+    """
+    path = tmp_path / "release"
+    watchdog = threading.Timer(WATCHDOG_SECONDS, path.touch)
+    watchdog.start()
+    try:
+        yield path
+    finally:
+        watchdog.cancel()
+        path.touch()
+        watchdog.join()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -7,7 +7,7 @@ import concurrent.futures
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 import fenfa
 import fenfa.api
 import fenfa.errors
+from helpers import endless
 
 #: DESIGN.md §1 as of issue 3. Later issues extend this list: amap and aimap
 #: (asyncio callers), share (shared memory), shell and ShellResult (subprocesses).
@@ -109,19 +110,6 @@ def read_tag(_: object = None) -> Any:
 
 
 #: How far an "endless" input may be pulled before the test calls it drained.
-ENDLESS_LIMIT = 1_000_000
-
-
-def endless(start: int = 0) -> Iterator[int]:
-    """``itertools.count(start)`` for a lazy consumer; fails loudly for an eager one.
-
-    A pool that drains its input would turn a bare ``count()`` into a list
-    that grows until the machine runs out of memory, before any timeout fires.
-    """
-    for i in itertools.count(start):
-        if i - start >= ENDLESS_LIMIT:
-            raise RuntimeError(f"{ENDLESS_LIMIT} items pulled: the input is not pulled lazily")
-        yield i
 
 
 def worker_opts(backend: str) -> dict[str, Any]:

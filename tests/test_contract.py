@@ -37,6 +37,7 @@ import pytest
 
 import fenfa
 from fenfa.errors import RemoteTraceback
+from helpers import endless
 
 # --------------------------------------------------------------------------- tasks
 
@@ -179,19 +180,6 @@ def numbers_then_error(n: int) -> Iterator[int]:
 
 
 #: How far an "endless" input may be pulled before the test calls it drained.
-ENDLESS_LIMIT = 1_000_000
-
-
-def endless(start: int = 0) -> Iterator[int]:
-    """``itertools.count(start)`` for a lazy consumer; fails loudly for an eager one.
-
-    A pool that drains its input would turn a bare ``count()`` into a list
-    that grows until the machine runs out of memory, before any timeout fires.
-    """
-    for i in itertools.count(start):
-        if i - start >= ENDLESS_LIMIT:
-            raise RuntimeError(f"{ENDLESS_LIMIT} items pulled: the input is not pulled lazily")
-        yield i
 
 
 # --------------------------------------------------------------------------- helpers

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -37,7 +36,6 @@ import fenfa
 BACKENDS = ["process", "thread"]
 
 #: A gated task is released after this long even if nothing else releases it.
-WATCHDOG_SECONDS = 15.0
 
 
 # --------------------------------------------------------------------------- tasks
@@ -143,20 +141,6 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) ->
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     return name
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Path]:
-    """Ends every ``hang``; a watchdog creates it if the test does not."""
-    path = tmp_path / "release"
-    watchdog = threading.Timer(WATCHDOG_SECONDS, path.touch)
-    watchdog.start()
-    try:
-        yield path
-    finally:
-        watchdog.cancel()
-        path.touch()
-        watchdog.join()
 
 
 # --------------------------------------------------------------------------- construction

@@ -43,12 +43,12 @@ import psutil
 import pytest
 
 import fenfa
+from helpers import WATCHDOG_SECONDS
 
 #: Backends with workers of their own (rows that need a worker to lose).
 LIVE = ["thread", "process"]
 
 #: A hung task is released after this long even if the pool never interrupts it.
-WATCHDOG_SECONDS = 15.0
 
 #: The timeout option used on thread and process, and the issue's bound for
 #: reporting it: within TIMEOUT + TIMEOUT_SLACK of the task's start.
@@ -282,24 +282,6 @@ def gone(pid: int) -> bool:
 
 def squares_except(n: int, *skip: int) -> list[int]:
     return [x * x for x in range(n) if x not in skip]
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Path]:
-    """The file that ends every ``hang``: the test creates it when it is done.
-
-    A watchdog creates it after WATCHDOG_SECONDS, so a pool that never
-    interrupts a hung task leaves a failing test, not a hung session.
-    """
-    path = tmp_path / "release"
-    watchdog = threading.Timer(WATCHDOG_SECONDS, path.touch)
-    watchdog.start()
-    try:
-        yield path
-    finally:
-        watchdog.cancel()
-        path.touch()
-        watchdog.join()
 
 
 def session_processes(sid: int) -> list[psutil.Process]:

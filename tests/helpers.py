@@ -1,0 +1,24 @@
+"""Small helpers shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+#: How long a "hung" task may wait before a watchdog releases it: a pool that
+#: fails to interrupt a task then leaves a failing test, not a hung session.
+WATCHDOG_SECONDS = 15.0
+
+ENDLESS_LIMIT = 1_000_000
+
+
+def endless(start: int = 0) -> Iterator[int]:
+    """``itertools.count(start)`` for a lazy consumer; fails loudly for an eager one.
+
+    A pool that drains its input would turn a bare ``count()`` into a list
+    that grows until the machine runs out of memory, before any timeout fires.
+    """
+    for i in itertools.count(start):
+        if i - start >= ENDLESS_LIMIT:
+            raise RuntimeError(f"{ENDLESS_LIMIT} items pulled: the input is not pulled lazily")
+        yield i
