@@ -115,7 +115,7 @@ def _main_guard_hint(method: str) -> str:
 def _unpicklable_part(item: Any, style: Style) -> str:
     """Which argument of a task's input does not pickle, in words."""
     if style is Style.ONE:
-        return "its argument"
+        return "the argument"
     args, kwargs = (item, {}) if style is Style.STAR else item
     for position, value in enumerate(args):
         try:
@@ -127,7 +127,7 @@ def _unpicklable_part(item: Any, style: Style) -> str:
             _worker.dumps(value)
         except Exception:
             return f"argument {name!r}"
-    return "its arguments"
+    return "the arguments"
 
 
 class _Worker:
