@@ -31,6 +31,8 @@ PUBLIC_NAMES = [
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerInfo",
+    "aimap",
+    "amap",
     "current_worker",
     "imap",
     "imap_unordered",
@@ -309,15 +311,20 @@ def test_pool_backend_is_the_name_asked_for(name: str) -> None:
         assert pool.apply(where)[1] == name
 
 
-def test_auto_resolves_to_serial_for_one_worker_and_process_otherwise() -> None:
+def test_auto_is_serial_for_one_worker_and_undecided_until_the_first_call() -> None:
     with fenfa.Pool(workers=1) as pool:
         assert pool.backend == "serial"
         assert pool.apply(where) == (os.getpid(), "serial")
     with fenfa.Pool(backend="auto", workers=2) as pool:
-        assert pool.backend == "process"
+        assert pool.backend == "auto"
+        assert pool.insights.decision is None
+        # A single call cannot be measured: plain functions go to processes.
         pid, backend = pool.apply(where)
         assert pid != os.getpid()
         assert backend == "process"
+        assert pool.backend == "process"
+        assert pool.insights.decision is not None
+        assert pool.insights.decision.backend == "process"
     assert fenfa.map(where, [0], backend="auto", workers=1) == [(os.getpid(), "serial")]
 
 

@@ -3,6 +3,7 @@
 See DESIGN.md for the contract; this module only re-exports the public names.
 """
 
+from .aio import aimap, amap
 from .api import Executor, imap, imap_unordered, map, run, starmap
 from .errors import (
     BackendUnavailable,
@@ -27,6 +28,8 @@ __all__ = [
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerInfo",
+    "aimap",
+    "amap",
     "current_worker",
     "imap",
     "imap_unordered",

@@ -38,11 +38,20 @@ def _split(options: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
 
 
 def _default_pool(backend: str, workers: int | None) -> Pool:
+    """The shared pool for these options.
+
+    For ``auto`` it is a router: each call measures its own first tasks (see
+    :mod:`fenfa.auto`) and sends the rest to the default pool of the backend
+    it chose, so ``fenfa.map(download, urls)`` and ``fenfa.map(crunch, xs)``
+    in one script each get the right one.
+    """
     key = (resolve_backend(backend, workers), workers)
     with _defaults_lock:
         pool = _defaults.get(key)
         if pool is None:
             pool = _defaults[key] = Pool(key[0], workers)
+            if pool.backend == "auto":
+                pool._router = lambda decision: _default_pool(decision.backend, workers)
         return pool
 
 

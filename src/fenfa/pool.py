@@ -15,8 +15,10 @@ from concurrent.futures import Future
 from operator import length_hint
 from typing import Any, ParamSpec, TypeVar
 
+from .auto import Decision, unmeasured
 from .backends import Backend, backend_class, check_name, default_workers
 from .errors import PoolClosed
+from .insights import Insights
 from .options import START_METHODS, CallOptions, check_callable, positive
 from .tasks import Batch, Job, Ok, Piece, Style
 from .window import Run, annotate
@@ -81,12 +83,14 @@ class _State(enum.Enum):
 
 
 def resolve_backend(backend: str, workers: int | None) -> str:
-    """``auto``, until it measures (a later release): serial for one worker, else process."""
+    """The backend a pool starts with: ``auto`` stays undecided unless one worker is asked for.
+
+    With one worker nothing runs in parallel, so ``auto`` is ``serial`` at once.
+    """
     name = check_name(backend)
-    if name != "auto":
-        return name
-    count = workers if workers is not None else default_workers("process")
-    return "serial" if count == 1 else "process"
+    if name == "auto" and workers == 1:
+        return "serial"
+    return name
 
 
 class Pool:
@@ -121,26 +125,71 @@ class Pool:
         if initializer is not None:
             check_callable(initializer)
         self._options = CallOptions(chunksize, window, timeout, retries, on_error)
-        self.backend: str = resolve_backend(backend, workers)
-        count = workers if workers is not None else default_workers(self.backend)
-        kwargs: dict[str, Any] = {
+        self._backend_options: dict[str, Any] = {
             "initializer": initializer,
             "initargs": tuple(initargs),
             "max_tasks_per_worker": max_tasks_per_worker,
+            "start_method": start_method,
         }
-        if self.backend == "process":
-            kwargs["start_method"] = start_method
-        self._backend: Backend = backend_class(self.backend)(count, **kwargs)
-        self.workers: int = self._backend.workers
+        #: The resolved backend; "auto" until the first call has been measured.
+        self.backend: str = resolve_backend(backend, workers)
+        #: The number of workers (None while "auto" is undecided).
+        self.workers: int | None = workers
+        #: ``insights.decision``: what "auto" chose, and the evidence.
+        self.insights = Insights()
+        # Module-level calls with backend "auto" measure every call and send
+        # the rest to the default pool of the chosen backend.
+        self._router: Callable[[Decision], Pool] | None = None
+        self._backend: Backend | None = None
+        if self.backend != "auto":
+            self._start_backend(self.backend)
+        elif initializer is not None:
+            # Measuring runs tasks on probe threads, where the initializer has
+            # not run: decide without measuring.
+            self._start_backend("process")
+            self.insights.decision = unmeasured(
+                lambda: None, "an initializer was given, which measuring cannot run"
+            )
         self._state = _State.RUNNING
         self._lock = threading.Lock()
         self._futures: set[_FutureJob] = set()
         # Threads driving map_async calls; shutdown lets them finish first.
         self._drivers: set[threading.Thread] = set()
         self._stop_after_drivers = False
+
+    def _start_backend(self, name: str) -> Backend:
+        options = dict(self._backend_options)
+        if name != "process":
+            del options["start_method"]
+        count = self.workers if self.workers is not None else default_workers(name)
+        backend = backend_class(name)(count, **options)
+        self._backend = backend
+        self.backend = name
+        self.workers = backend.workers
         # A pool dropped without shutdown() still lets its workers go: as
         # concurrent.futures' executors do when they are garbage collected.
-        weakref.finalize(self, self._backend.shutdown, wait=False)
+        weakref.finalize(self, backend.shutdown, wait=False)
+        return backend
+
+    def _settle(self, decision: Decision) -> Pool:
+        """Adopt what "auto" decided on the first call (later calls keep it)."""
+        if self._router is not None:
+            self.insights.decision = decision  # the latest call's
+            return self._router(decision)
+        with self._lock:
+            if self._backend is None:
+                self._check_open()
+                self._start_backend(decision.backend)
+                self.insights.decision = decision
+        return self
+
+    def _ready_backend(self, fn: Callable[..., Any]) -> Backend:
+        """The backend for a single call: on an undecided pool, chosen without measuring."""
+        if self._backend is None:
+            why = "the first call was a single one, which cannot be measured"
+            self._settle(unmeasured(fn, why))
+        assert self._backend is not None
+        return self._backend
 
     def __repr__(self) -> str:
         return f"<fenfa.Pool backend={self.backend!r} workers={self.workers} {self._state.value}>"
@@ -178,11 +227,13 @@ class Pool:
             return
         for thread in drivers:
             thread.join()
-        self._backend.shutdown(wait=wait, cancel=cancel_futures)
+        if self._backend is not None:
+            self._backend.shutdown(wait=wait, cancel=cancel_futures)
 
     def _submit_batch(self, batch: Batch, *, urgent: bool = False, internal: bool = False) -> None:
         if not internal:
             self._check_open()
+        assert self._backend is not None, "an auto pool settles before its first batch"
         self._backend.submit(batch, urgent=urgent)
 
     def _forget(self, job: _FutureJob) -> None:
@@ -205,12 +256,15 @@ class Pool:
         check_callable(fn)
         if timeout != self._options.timeout:
             CallOptions(timeout=timeout)  # checks it
+        if self._router is not None:
+            why = "a single call cannot be measured against the cost of dispatching it"
+            return self._router(unmeasured(fn, why))._submit_call(fn, args, kwargs, timeout)
         job = _FutureJob(self, fn, self._options.retries, timeout)
         with self._lock:
             self._check_open()
             self._futures.add(job)
         try:
-            self._backend.submit(Batch(job, 0, [(args, kwargs)]))
+            self._ready_backend(fn).submit(Batch(job, 0, [(args, kwargs)]))
         except BaseException:
             self._forget(job)
             raise
@@ -244,6 +298,8 @@ class Pool:
         check_callable(fn)
         call_options = self._options.update(options)
         self._check_open()
+        undecided = self._router is not None or self._backend is None
+        chooser = self._settle if undecided else None
         return Run(
             self,
             fn,
@@ -254,6 +310,7 @@ class Pool:
             fail_fast=fail_fast,
             options=call_options,
             deadline=deadline,
+            chooser=chooser,
         )
 
     def _spread(
@@ -338,7 +395,7 @@ class Pool:
                 with self._lock:
                     self._drivers.discard(thread)
                     stop = self._stop_after_drivers and not self._drivers
-                if stop:
+                if stop and self._backend is not None:
                     self._backend.shutdown(wait=False)
 
         thread = threading.Thread(target=drive, name="fenfa-map-async", daemon=True)

@@ -22,11 +22,13 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .auto import Decision, probe, unmeasured
 from .errors import short_repr
 from .options import CallOptions
 from .tasks import Batch, ChunkSizer, Job, Ok, Piece, Style
 
 if TYPE_CHECKING:
+    from .backends import Backend
     from .pool import Pool
 
 # The default window holds this many batches per worker: one running, one
@@ -46,7 +48,7 @@ class Run:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: Pool | None,
         fn: Callable[..., Any],
         style: Style,
         inputs: Iterator[Any],
@@ -56,9 +58,13 @@ class Run:
         fail_fast: bool,
         options: CallOptions,
         deadline: float | None = None,
+        chooser: Callable[[Decision], Pool] | None = None,
     ) -> None:
+        # With ``chooser`` (backend "auto"), the pool is known only once the
+        # first tasks are measured: see _settle.
         self._pool = pool
-        self._backend = pool._backend
+        self._chooser = chooser
+        self.decision: Decision | None = None
         self._inputs = inputs
         self._ordered = ordered
         self._fail_fast = fail_fast
@@ -73,8 +79,12 @@ class Run:
         # order (serial) stops there, as builtins.map does.
         self._job.stop_on_error = options.on_error == "raise" and options.retries == 0
         self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
-        workers = self._backend.workers
-        self._sizer = ChunkSizer(workers, total, options.chunksize)
+        self._total = total
+        if chooser is None:
+            assert pool is not None
+            assert pool._backend is not None
+            self._backend: Backend = pool._backend
+            self._sizer = ChunkSizer(self._backend.workers, total, options.chunksize)
         self._next = 0  # index of the next item pulled
         self._exhausted = False
         self._in_window = 0  # pulled and not yet handed to the consumer
@@ -90,7 +100,40 @@ class Run:
 
     # -- pulling input --------------------------------------------------
 
+    def _settle(self) -> None:
+        """Measure the first tasks (they run for real), then pick the pool for the rest."""
+        assert self._chooser is not None
+        job = self._job
+        if job.timeout is not None:
+            why = "a timeout was given and measuring runs tasks on threads that cannot be stopped"
+            decision, taken, exhausted = unmeasured(job.fn, why), 0, False
+        else:
+            decision, feed = probe(job, self._inputs, self._options.window)
+            taken, exhausted = feed.next_index, feed.exhausted
+            if feed.error is not None:
+                raise feed.error
+        self.decision = decision
+        self._next = taken
+        self._in_window += taken
+        self._unfinished += taken
+        self._exhausted = exhausted
+        self._pool = self._chooser(decision)
+        assert self._pool._backend is not None
+        self._backend = self._pool._backend
+        self._sizer = ChunkSizer(self._backend.workers, self._total, self._options.chunksize)
+        if decision.task_seconds is not None:
+            self._sizer.measured(
+                decision.task_seconds * decision.tasks_measured, decision.tasks_measured
+            )
+
+    @property
+    def _target(self) -> Pool:
+        assert self._pool is not None, "settled before the first batch"
+        return self._pool
+
     def fill(self) -> None:
+        if self._chooser is not None and self.decision is None:
+            self._settle()
         backend = self._backend
         workers = backend.workers
         per_worker = 1 if backend.inline else WINDOW_BATCHES_PER_WORKER
@@ -118,7 +161,7 @@ class Run:
             self._in_window += len(items)
             self._unfinished += len(items)
             self._probes += probing
-            self._pool._submit_batch(batch, internal=self.background)
+            self._target._submit_batch(batch, internal=self.background)
             if self._backend.inline:
                 return  # it ran already: look at its outcome before running more
 
@@ -148,7 +191,7 @@ class Run:
             item = batch.item(index)
             if batch.attempt <= options.retries:
                 retry = Batch(self._job, index, [item], batch.attempt + 1)
-                self._pool._submit_batch(retry, urgent=True, internal=True)
+                self._target._submit_batch(retry, urgent=True, internal=True)
                 continue
             self._unfinished -= 1
             error = annotate(piece.error, index, item, batch.attempt)
@@ -201,7 +244,8 @@ class Run:
         except KeyboardInterrupt:
             # Ctrl-C: nobody wants these results; stop the tasks now running
             # (process workers are killed and replaced).
-            self._backend.abandon(self._job)
+            if self.decision is not None or self._chooser is None:
+                self._backend.abandon(self._job)
             raise
         finally:
             self.cancel()

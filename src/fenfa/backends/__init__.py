@@ -15,11 +15,18 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "serial": ("serial", "SerialBackend", None),
     "thread": ("thread", "ThreadBackend", None),
     "process": ("process", "ProcessBackend", None),
+    "async": ("asyncio", "AsyncBackend", None),
 }
 # Named by the design but not built yet; asking for one says so plainly.
-_PLANNED = ("async", "dask")
+_PLANNED = ("dask",)
 
 BACKENDS = ("auto", *_REGISTRY)
+
+# The default `workers` of the async backend: coroutines in flight at once.
+# A waiting coroutine costs a few KB, not a thread, so the bound is what the
+# far end tolerates, not this machine: 100 is aiohttp's default connection
+# limit, a common bound for concurrent requests to one service.
+ASYNC_CONCURRENCY = 100
 
 
 def usable_cores() -> int:
@@ -35,6 +42,8 @@ def default_workers(backend: str) -> int:
         return 1
     if backend == "process":
         return usable_cores()
+    if backend == "async":
+        return ASYNC_CONCURRENCY
     # Threads wait more than they compute: as concurrent.futures sizes them.
     return min(32, usable_cores() + 4)
 

@@ -17,7 +17,8 @@ all of that once, above every backend. What a backend promises:
 Cancellation, per backend: serial runs in the caller, so there is nothing to
 cancel but the batches not yet started; a thread cannot be stopped, so a
 running task finishes and its result is discarded; a process worker can be
-killed (the pool does so on timeouts and at a forced shutdown).
+killed (the pool does so on timeouts and at a forced shutdown); a coroutine
+on the async backend is cancelled at its next ``await``.
 """
 
 from __future__ import annotations

@@ -384,6 +384,7 @@ class ProcessBackend(Backend):
         """Hand pending batches to workers with room. Called with ``_lock`` held."""
         pending = self._pending
         now = time.monotonic()
+        timed = False
         for worker in self._workers.values():
             while pending and self._has_room(worker, pending[0]):
                 batch = pending.popleft()
@@ -401,12 +402,13 @@ class ProcessBackend(Backend):
                     worker.outbox.put(frame(FUNC, (key,), data))
                 if not worker.batches:
                     worker.task_started = now
+                timed = timed or batch.job.timeout is not None
                 worker.batches.append(batch)
                 worker.outbox.put(batch.wire)
             if not pending:
                 break
-        if any(batch.job.timeout is not None for batch in pending):
-            self._wake()  # the manager's next deadline may have changed
+        if timed:
+            self._wake()  # a new deadline: the manager must wait with it in view
 
     def idle(self) -> bool:
         with self._lock:
@@ -492,6 +494,9 @@ class ProcessBackend(Backend):
                 worker.ready = True
                 self._ever_ready = True
                 self._failed_starts = 0
+                # Its first task starts now, not when it was sent: start-up
+                # time does not count against a timeout.
+                worker.task_started = time.monotonic()
         elif kind == RETIRE:
             with self._lock:
                 worker.retiring = True

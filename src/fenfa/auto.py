@@ -1,0 +1,314 @@
+"""How ``backend="auto"`` measures a task and decides where the rest should run.
+
+The field guide fenfa grew from boils concurrency down to one rule: classify
+the task — waiting or computing, tiny or heavy — and dispatch it to the
+executor that suits it. ``auto`` makes that classification by measurement,
+on the call's own first tasks, whose results are kept (nothing runs twice):
+
+1. *Alone* (10 ms): one probe thread runs tasks, in chunks that double while
+   they take under 2 ms. How long the thread *wanted* a CPU (time on a CPU
+   plus time runnable but queued for one, from Linux's per-thread schedstat,
+   so a busy machine does not make computing look like waiting) against the
+   wall clock says whether the task computes (ratio near 1) or waits (near
+   0); the process's CPU clock says whether one task already keeps several
+   cores busy (a multi-threaded library such as BLAS).
+2. *Pair* (10 ms, only for tasks that compute): a second probe thread joins.
+   If the two threads' CPU clocks advance together, the task releases the
+   GIL (hashlib, zlib, NumPy) and threads suffice; if they take turns, it is
+   pure Python holding the GIL, and only processes run it in parallel. On a
+   machine whose other programs keep the cores busy this test cannot tell
+   the two apart (two threads get one core's worth either way); it then errs
+   towards processes, which run both kinds in parallel.
+
+Then: a coroutine function goes to ``async``; a task that waits goes to
+``thread``; one that computes with the GIL released goes to ``thread``; one
+that already uses several cores by itself, or is so small that shipping it to
+another process would cost more than running it, runs ``serial``; the rest
+goes to ``process``. A probe task still running when the decision is made
+finishes on its probe thread and its result is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .tasks import Batch, Job, Piece, attach_traceback, caller, run_batch
+
+# How long each probe phase lasts. 10 ms is ~100 scheduler ticks' worth of
+# CPU clock resolution on Linux (1 us), long enough for the thread CPU
+# clocks to tell 1 core from 2, and short next to any call worth parallelising.
+ALONE_SECONDS = 0.010
+PAIR_SECONDS = 0.010
+# A probe chunk doubles while it takes less than this: tiny tasks are timed
+# in bulk (two clock reads per chunk, not per task).
+CHUNK_SECONDS = 0.002
+MAX_PROBE_CHUNK = 10_000
+# At most this many tasks are run by the probe (memory for their results).
+MAX_PROBE_TASKS = 100_000
+# A thread's CPU time over wall time below this: the task mostly waits.
+WAITING_BELOW = 0.5
+# Two computing threads together advancing more than this many CPU seconds
+# per second: they run in parallel, so the task releases the GIL.
+PARALLEL_ABOVE = 1.5
+# One task keeping more than this many cores busy by itself is already parallel.
+SELF_PARALLEL_ABOVE = 1.5
+# Shipping a task to a process and its result back costs about this much
+# (fixed) plus this much per pickled byte (both measured with the 200k
+# tiny-task benchmark: fenfa's process backend takes ~22 ms where serial
+# takes ~9.5 ms on 2 cores, about 0.09 us of overhead per task). A task
+# that takes less than twice that runs faster serially: on 2 workers each
+# saves at most half its time and pays the whole shipping cost.
+SHIP_SECONDS = 0.1e-6
+SHIP_SECONDS_PER_BYTE = 1e-9
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose, and the evidence.
+
+    ``task_seconds`` and ``cpu_seconds`` are per task (None when no task
+    finished while measuring); ``cpu_ratio`` is a probe thread's CPU time
+    over wall time; ``parallel_slowdown`` is how much two copies running at
+    once slowed each other (1.0: not at all, 2.0: they took turns), None when
+    not measured; ``reason`` says it in one sentence.
+    """
+
+    backend: str
+    reason: str
+    task_seconds: float | None = None
+    cpu_seconds: float | None = None
+    cpu_ratio: float | None = None
+    parallel_slowdown: float | None = None
+    cores_used: float | None = None
+    tasks_measured: int = 0
+    #: Share of the measuring time the probe threads spent queued for a CPU
+    #: that other programs held (Linux); above ~0.25 the GIL test is unreliable.
+    contention: float | None = None
+
+
+def is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
+    )
+
+
+def unmeasured(fn: Callable[..., Any], why: str) -> Decision:
+    """The decision when measuring is not possible: by the kind of function only."""
+    if is_coroutine_function(fn):
+        return Decision("async", f"{fn!r} is a coroutine function, so it runs on an event loop")
+    return Decision("process", f"{why}, so auto chose processes, the safe default for Python code")
+
+
+class _Feed:
+    """The call's input, shared by the probe threads under a lock."""
+
+    def __init__(self, inputs: Iterator[Any], job: Job, limit: int) -> None:
+        self._inputs = inputs
+        self._job = job
+        self._limit = limit
+        self._lock = threading.Lock()
+        self.next_index = 0
+        self.exhausted = False
+        self.stopped = False
+        self.error: BaseException | None = None
+
+    def take(self, count: int) -> tuple[int, list[Any]] | None:
+        with self._lock:
+            if self.stopped or self.exhausted or self._job.cancelled:
+                return None
+            count = min(count, self._limit - self.next_index)
+            if count <= 0:
+                return None
+            try:
+                items = list(itertools.islice(self._inputs, count))
+            except BaseException as exc:  # the input itself failed: the caller re-raises it
+                self.error = exc
+                self.exhausted = True
+                return None
+            if len(items) < count:
+                self.exhausted = True
+            if not items:
+                return None
+            start = self.next_index
+            self.next_index += len(items)
+            return start, items
+
+
+class _ProbeThread(threading.Thread):
+    """Runs tasks from the feed, in growing chunks, timing each chunk."""
+
+    def __init__(self, feed: _Feed, job: Job, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._feed = feed
+        self._job = job
+        self.lock = threading.Lock()
+        # (end time, tasks, wall seconds, thread CPU seconds) per chunk
+        self.chunks: list[tuple[float, int, float, float]] = []
+        self.sample: tuple[Any, Any] | None = None  # an input and its result
+
+    def run(self) -> None:
+        call = caller(self._job.fn, self._job.style)
+        size = 1
+        while (taken := self._feed.take(size)) is not None:
+            start, items = taken
+            batch = Batch(self._job, start, items)
+            pieces: list[Piece] = []
+            wants = _wanted_cpu(self.native_id)
+            begin, cpu = time.perf_counter(), time.thread_time()
+            ran = run_batch(call, start, items, pieces.append, False, attach_traceback)
+            end = time.perf_counter()
+            wall, cpu = end - begin, time.thread_time() - cpu
+            after = _wanted_cpu(self.native_id)
+            if wants is not None and after is not None:
+                cpu = max(cpu, min(after - wants, wall))
+            batch.done = ran
+            with self.lock:
+                self.chunks.append((end, ran, wall, cpu))
+                if self.sample is None and pieces and hasattr(pieces[0], "values"):
+                    self.sample = (items[0], pieces[0].values[0])
+            self._job.deliver(batch, pieces, wall)
+            if wall < CHUNK_SECONDS:
+                size = min(size * 2, MAX_PROBE_CHUNK)
+
+    def wanted_clock(self) -> float | None:
+        """Seconds this thread wanted a CPU so far (ran or queued); None if it ended."""
+        if not self.is_alive():
+            return None
+        wanted = _wanted_cpu(self.native_id)
+        return wanted if wanted is not None else self.cpu_clock()
+
+    def cpu_clock(self) -> float | None:
+        """This thread's CPU seconds so far, read from outside (Linux); None if it ended."""
+        if not self.is_alive():
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self.ident or 0))
+        except (OSError, AttributeError):
+            return None
+
+    def done_before(self, moment: float) -> tuple[int, float, float]:
+        """Tasks, wall and CPU seconds of the chunks that ended before ``moment``."""
+        with self.lock:
+            chunks = [c for c in self.chunks if c[0] <= moment]
+        return sum(c[1] for c in chunks), sum(c[2] for c in chunks), sum(c[3] for c in chunks)
+
+
+def _schedstat(native_id: int | None) -> tuple[float, float] | None:
+    """Seconds a thread ran on a CPU, and seconds it was runnable but queued (Linux)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as stats:
+            on_cpu, queued, _slices = stats.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(on_cpu) / 1e9, int(queued) / 1e9
+
+
+def _wanted_cpu(native_id: int | None) -> float | None:
+    """Seconds a thread ran on a CPU plus seconds it was runnable but queued."""
+    stat = _schedstat(native_id)
+    return None if stat is None else stat[0] + stat[1]
+
+
+def _ship_seconds(sample: tuple[Any, Any] | None) -> float:
+    if sample is None:
+        return SHIP_SECONDS
+    try:
+        size = len(pickle.dumps(sample, protocol=5))
+    except Exception:
+        return SHIP_SECONDS
+    return SHIP_SECONDS + size * SHIP_SECONDS_PER_BYTE
+
+
+def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[Decision, _Feed]:
+    """Run the call's first tasks on probe threads and decide; see the module docstring.
+
+    The tasks' outcomes go to ``job.deliver`` as from any backend. Returns the
+    decision and the feed, whose ``next_index`` says how many items were taken
+    (and ``exhausted`` whether that was all of them).
+    """
+    feed = _Feed(inputs, job, min(limit or MAX_PROBE_TASKS, MAX_PROBE_TASKS))
+    alone = _ProbeThread(feed, job, "fenfa-probe-0")
+    process_cpu, begin = time.process_time(), time.perf_counter()
+    alone.start()
+    alone.join(ALONE_SECONDS)
+    middle = time.perf_counter()
+    cpu_alone = alone.wanted_clock()
+    cores = (time.process_time() - process_cpu) / (middle - begin)
+    tasks, wall, cpu = alone.done_before(middle)
+    if cpu_alone is None:  # the thread already ended: all measured in chunks
+        cpu_alone = cpu
+    ratio = min(1.0, cpu_alone / (middle - begin)) if tasks == 0 else cpu / wall if wall else 1.0
+    per_task = wall / tasks if tasks else None
+    per_cpu = cpu / tasks if tasks else None
+    evidence: dict[str, Any] = {
+        "task_seconds": per_task,
+        "cpu_seconds": per_cpu,
+        "cpu_ratio": ratio,
+        "cores_used": cores,
+        "tasks_measured": tasks,
+    }
+
+    def settle(backend: str, reason: str, slowdown: float | None = None) -> tuple[Decision, _Feed]:
+        feed.stopped = True
+        return Decision(backend, reason, parallel_slowdown=slowdown, **evidence), feed
+
+    if cores > SELF_PARALLEL_ABOVE and ratio >= WAITING_BELOW:
+        return settle(
+            "serial",
+            f"one task alone kept {cores:.1f} cores busy (a multi-threaded library), so "
+            "running copies side by side would only compete for the same cores",
+        )
+    if ratio < WAITING_BELOW:
+        return settle(
+            "thread",
+            f"the task spends {1 - ratio:.0%} of its time waiting (CPU {ratio:.0%} of wall "
+            "time), and threads wait side by side at almost no cost",
+        )
+    if per_task is not None and per_task < 2 * _ship_seconds(alone.sample):
+        return settle(
+            "serial",
+            f"a task takes {per_task * 1e6:.2g} us, less than shipping it to another process "
+            "and its result back would cost, so running in the caller is fastest",
+        )
+    # It computes: do two copies run in parallel on threads, or take turns on the GIL?
+    pair = _ProbeThread(feed, job, "fenfa-probe-1")
+    started = time.perf_counter()
+    before, stat_before = alone.cpu_clock(), _schedstat(alone.native_id)
+    pair.start()
+    pair.join(PAIR_SECONDS)
+    elapsed = time.perf_counter() - started
+    after, other = alone.cpu_clock(), pair.cpu_clock()
+    stats = [_schedstat(alone.native_id), _schedstat(pair.native_id)]
+    if stat_before is not None and None not in stats:
+        on_cpu = sum(s[0] for s in stats if s) - stat_before[0]
+        queued = sum(s[1] for s in stats if s) - stat_before[1]
+        evidence["contention"] = queued / max(on_cpu + queued, 1e-9)
+    if before is None or after is None or other is None:
+        # A probe thread ended: the input ran out while measuring.
+        return settle("serial", "the input ran out while measuring; it all ran in the probe")
+    parallel = ((after - before) + other) / elapsed
+    slowdown = 2.0 / max(parallel, 1e-9)
+    if parallel > PARALLEL_ABOVE:
+        return settle(
+            "thread",
+            f"the task computes with the GIL released: two copies on threads ran "
+            f"{parallel:.1f}x as fast as one, so threads use every core without copying data "
+            "to other processes",
+            min(slowdown, 2.0),
+        )
+    return settle(
+        "process",
+        f"the task computes in pure Python holding the GIL: two copies on threads ran only "
+        f"{parallel:.1f}x as fast as one, so only processes run it in parallel",
+        min(slowdown, 2.0),
+    )
+
+
+__all__ = ["Decision", "is_coroutine_function", "probe", "unmeasured"]
