@@ -40,10 +40,10 @@ from typing import Any, TypeVar
 
 from . import api
 from .backends import check_name, default_workers, usable_cores
-from .backends.asyncio import coroutine_function, run_coroutine
+from .backends.asyncio import run_coroutine
 from .errors import FenfaError
 from .options import CallOptions, check_callable, positive
-from .tasks import attach_traceback
+from .tasks import attach_traceback, is_coroutine_function
 from .window import annotate
 
 R = TypeVar("R")
@@ -126,7 +126,7 @@ class _Run:
         self.fail_fast = fail_fast
         self.backend = backend
         self.workers = workers
-        self.is_async = coroutine_function(fn)
+        self.is_async = is_coroutine_function(fn)
         if self.is_async and backend not in ("auto", "async"):
             raise ValueError(
                 f"{fn!r} is a coroutine function: it runs on the caller's event loop, "

@@ -30,7 +30,6 @@ finishes on its probe thread and its result is used.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import pickle
 import threading
@@ -39,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .tasks import Batch, Job, Piece, attach_traceback, caller, run_batch
+from .tasks import Batch, Job, Piece, attach_traceback, caller, is_coroutine_function, run_batch
 
 # How long each probe phase lasts. 10 ms is ~100 scheduler ticks' worth of
 # CPU clock resolution on Linux (1 us), long enough for the thread CPU
@@ -91,12 +90,6 @@ class Decision:
     #: Share of the measuring time the probe threads spent queued for a CPU
     #: that other programs held (Linux); above ~0.25 the GIL test is unreliable.
     contention: float | None = None
-
-
-def is_coroutine_function(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
-    )
 
 
 def unmeasured(fn: Callable[..., Any], why: str) -> Decision:

@@ -20,7 +20,7 @@ from .backends import Backend, backend_class, check_name, default_workers
 from .errors import PoolClosed
 from .insights import Insights
 from .options import START_METHODS, CallOptions, check_callable, positive
-from .tasks import Batch, Job, Ok, Piece, Style
+from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 from .window import Run, annotate
 
 P = ParamSpec("P")
@@ -48,7 +48,10 @@ class _FutureJob(Job):
             if self.started:  # a retry (the future runs already), or cancelled
                 return not self.future.cancelled()
             self.started = True
-            return self.future.set_running_or_notify_cancel()
+            running = self.future.set_running_or_notify_cancel()
+        if not running:  # cancelled by its owner before it started
+            self.pool._forget(self)
+        return running
 
     def cancel(self) -> None:
         """Cancel if not started, and tell waiters at once (``wait()`` counts it done)."""
@@ -56,6 +59,7 @@ class _FutureJob(Job):
             if not self.started and self.future.cancel():
                 self.started = True
                 self.future.set_running_or_notify_cancel()
+        self.pool._forget(self)
 
     def dropped(self) -> bool:
         return self.future.cancelled()
@@ -157,6 +161,13 @@ class Pool:
         self._drivers: set[threading.Thread] = set()
         self._stop_after_drivers = False
 
+    def _check_fits(self, fn: Callable[..., Any]) -> None:
+        if self._backend is not None and self.backend != "async" and is_coroutine_function(fn):
+            raise TypeError(
+                f"{fn!r} is a coroutine function: the {self.backend!r} backend would only "
+                "return un-awaited coroutines; use backend='async' (or 'auto')"
+            )
+
     def _start_backend(self, name: str) -> Backend:
         options = dict(self._backend_options)
         if name != "process":
@@ -254,6 +265,7 @@ class Pool:
         timeout: float | None,
     ) -> Future[R]:
         check_callable(fn)
+        self._check_fits(fn)
         if timeout != self._options.timeout:
             CallOptions(timeout=timeout)  # checks it
         if self._router is not None:
@@ -296,6 +308,7 @@ class Pool:
         deadline: float | None = None,
     ) -> Run:
         check_callable(fn)
+        self._check_fits(fn)
         call_options = self._options.update(options)
         self._check_open()
         undecided = self._router is not None or self._backend is None

@@ -12,6 +12,7 @@ result per batch, so that a slow batch can stream its results task by task.
 from __future__ import annotations
 
 import enum
+import inspect
 import itertools
 import math
 import threading
@@ -130,6 +131,13 @@ class Batch:
         if self.expected is not None and self.items:
             rest.expected = self.expected * len(rest.items) / len(self.items)
         return rest
+
+
+def is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """True for ``async def`` functions, partials of them, objects with an async ``__call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
+    )
 
 
 def caller(fn: Callable[..., Any], style: Style) -> Callable[[Any], Any]:

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import PoolClosed, TaskTimeout
-from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller
+from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, is_coroutine_function
 from ..worker import restore_slot, set_slot
 from .base import Backend
 from .thread import fail_batch
@@ -57,13 +57,6 @@ from .thread import fail_batch
 # shutdown(cancel=True): how long running tasks may go on before they are
 # cancelled, as on the thread and process backends (the contract: ~1 s).
 CANCEL_GRACE_SECONDS = 1.0
-
-
-def coroutine_function(fn: Callable[..., Any]) -> bool:
-    """True for ``async def`` functions, partials of them, objects with an async ``__call__``."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
-    )
 
 
 async def run_coroutine(
@@ -233,7 +226,7 @@ class AsyncBackend(Backend):
                     self._queue.popleft()
                     self._drop(entry, self.broken)
                     continue
-                entry.is_async = coroutine_function(job.fn)
+                entry.is_async = is_coroutine_function(job.fn)
             elif job.cancelled:  # the rest of a batch nobody wants any more
                 self._queue.popleft()
                 self._left(len(batch.items) - entry.offset)
@@ -380,4 +373,4 @@ class AsyncBackend(Backend):
             self._drop(self._queue.popleft(), PoolClosed("the pool was shut down"))
 
 
-__all__ = ["CANCEL_GRACE_SECONDS", "AsyncBackend", "coroutine_function", "run_coroutine"]
+__all__ = ["CANCEL_GRACE_SECONDS", "AsyncBackend", "run_coroutine"]
