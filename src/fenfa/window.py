@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import queue
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,11 @@ def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseEx
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     exc.add_note(f"fenfa: task {index} failed{tries}; input: {short_repr(item)}")
     return exc
+
+
+# The result iterators of fenfa calls, so that a call reading another's
+# results (a pipeline stage) can stop it when it stops itself.
+_stages: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
 
 
 class Run:
@@ -90,6 +96,7 @@ class Run:
             self._backend: Backend = pool._backend
             self._sizer = ChunkSizer(self._backend.workers, total, options.chunksize)
         self._next = 0  # index of the next item pulled
+        self._input_error: Exception | None = None
         self._exhausted = False
         self._in_window = 0  # pulled and not yet handed to the consumer
         self._unfinished = 0  # pulled and without a final outcome yet
@@ -158,7 +165,16 @@ class Run:
             probing = self._sizer.task_seconds is None and self._options.chunksize is None
             if probing and self._probes >= workers:
                 return  # one task per worker until a time is measured
-            items = list(itertools.islice(self._inputs, size))
+            try:
+                items = list(itertools.islice(self._inputs, size))
+            except Exception as exc:
+                if self._fail_fast:
+                    raise
+                # As builtins.map: what came before the broken input is still
+                # delivered, in order; then the input's error is raised.
+                self._input_error = exc
+                self._exhausted = True
+                return
             if len(items) < size:
                 self._exhausted = True
             if not items:
@@ -246,6 +262,8 @@ class Run:
                     self._in_window -= count
                     continue
                 if self._exhausted and self._unfinished == 0:
+                    if self._input_error is not None:
+                        raise self._input_error
                     return
                 self._absorb(*self._wait())
         except KeyboardInterrupt:
@@ -259,6 +277,11 @@ class Run:
 
     def results(self) -> Iterator[Any]:
         """One value at a time; a generator, so ``close()`` cancels the call."""
+        stream = self._stream()
+        _stages.add(stream)
+        return stream
+
+    def _stream(self) -> Generator[Any, None, None]:
         pieces = self.pieces()
         try:
             for values in pieces:
@@ -273,8 +296,15 @@ class Run:
         return out
 
     def cancel(self) -> None:
-        """Drop every batch not started yet; running ones finish, unseen."""
+        """Drop every batch not started yet; running ones finish, unseen.
+
+        In a pipeline (this call's input is another fenfa call's results), the
+        stage upstream is stopped too: nobody will pull from it any more.
+        """
         self._job.cancelled = True
+        upstream = self._inputs
+        if upstream in _stages:
+            upstream.close()  # type: ignore[attr-defined]
 
 
 __all__ = ["Run", "annotate"]
