@@ -56,8 +56,11 @@ WAITING_BELOW = 0.5
 # Two computing threads together advancing more than this many CPU seconds
 # per second: they run in parallel, so the task releases the GIL.
 PARALLEL_ABOVE = 1.5
-# One task keeping more than this many cores busy by itself is already parallel.
-SELF_PARALLEL_ABOVE = 1.5
+# One task keeping more than this many cores busy by itself is already
+# parallel (a 2-thread BLAS shows ~2.0 here). Not lower: the process clock
+# also counts fenfa's own threads and start-up work, seen at up to ~1.4 with
+# a pure-Python task.
+SELF_PARALLEL_ABOVE = 1.8
 # Shipping a task to a process and its result back costs about this much
 # (fixed) plus this much per pickled byte (both measured with the 200k
 # tiny-task benchmark: fenfa's process backend takes ~22 ms where serial
@@ -145,8 +148,16 @@ class _ProbeThread(threading.Thread):
         # (end time, tasks, wall seconds, thread CPU seconds) per chunk
         self.chunks: list[tuple[float, int, float, float]] = []
         self.sample: tuple[Any, Any] | None = None  # an input and its result
+        self.ready = threading.Event()
+        self.began = 0.0
+        self.wanted_at_start: float | None = None
 
     def run(self) -> None:
+        # Counted from here, not from start(): on a busy machine a new thread
+        # may queue for a while before it first runs, which is not the task's doing.
+        self.began = time.perf_counter()
+        self.wanted_at_start = _wanted_cpu(self.native_id)
+        self.ready.set()
         call = caller(self._job.fn, self._job.style)
         size = 1
         while (taken := self._feed.take(size)) is not None:
@@ -232,12 +243,18 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     alone.start()
     alone.join(ALONE_SECONDS)
     middle = time.perf_counter()
+    alone.ready.wait()
     cpu_alone = alone.wanted_clock()
+    if cpu_alone is not None and alone.wanted_at_start is not None:
+        cpu_alone -= alone.wanted_at_start
     cores = (time.process_time() - process_cpu) / (middle - begin)
     tasks, wall, cpu = alone.done_before(middle)
     if cpu_alone is None:  # the thread already ended: all measured in chunks
         cpu_alone = cpu
-    ratio = min(1.0, cpu_alone / (middle - begin)) if tasks == 0 else cpu / wall if wall else 1.0
+    if tasks == 0:
+        ratio = min(1.0, cpu_alone / max(middle - alone.began, 1e-9))
+    else:
+        ratio = cpu / wall if wall else 1.0
     per_task = wall / tasks if tasks else None
     per_cpu = cpu / tasks if tasks else None
     evidence: dict[str, Any] = {
@@ -284,8 +301,12 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         queued = sum(s[1] for s in stats if s) - stat_before[1]
         evidence["contention"] = queued / max(on_cpu + queued, 1e-9)
     if before is None or after is None or other is None:
-        # A probe thread ended: the input ran out while measuring.
-        return settle("serial", "the input ran out while measuring; it all ran in the probe")
+        # A probe thread ended: the input ran out before two copies could be compared.
+        return settle(
+            "process",
+            "the task computes, and the input ran out before two copies could be compared on "
+            "threads, so auto chose processes, which run any computing task in parallel",
+        )
     parallel = ((after - before) + other) / elapsed
     slowdown = 2.0 / max(parallel, 1e-9)
     if parallel > PARALLEL_ABOVE:
