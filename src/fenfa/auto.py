@@ -98,7 +98,8 @@ class Decision:
 def unmeasured(fn: Callable[..., Any], why: str) -> Decision:
     """The decision when measuring is not possible: by the kind of function only."""
     if is_coroutine_function(fn):
-        return Decision("async", f"{fn!r} is a coroutine function, so it runs on an event loop")
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        return Decision("async", f"{name} is a coroutine function, so it runs on an event loop")
     return Decision("process", f"{why}, so auto chose processes, the safe default for Python code")
 
 
@@ -197,6 +198,11 @@ class _ProbeThread(threading.Thread):
         except (OSError, AttributeError):
             return None
 
+    def chunks_after(self, moment: float) -> list[tuple[float, int, float, float]]:
+        """The chunks that started after ``moment``."""
+        with self.lock:
+            return [c for c in self.chunks if c[0] - c[2] >= moment]
+
     def done_before(self, moment: float) -> tuple[int, float, float]:
         """Tasks, wall and CPU seconds of the chunks that ended before ``moment``."""
         with self.lock:
@@ -242,12 +248,14 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     process_cpu, begin = time.process_time(), time.perf_counter()
     alone.start()
     alone.join(ALONE_SECONDS)
-    middle = time.perf_counter()
+    # Both clocks at once, before anything that lets go of the GIL: while this
+    # thread waits to get it back, a probe thread holding it keeps computing.
+    middle, process_cpu = time.perf_counter(), time.process_time() - process_cpu
     alone.ready.wait()
     cpu_alone = alone.wanted_clock()
     if cpu_alone is not None and alone.wanted_at_start is not None:
         cpu_alone -= alone.wanted_at_start
-    cores = (time.process_time() - process_cpu) / (middle - begin)
+    cores = process_cpu / (middle - begin)
     tasks, wall, cpu = alone.done_before(middle)
     if cpu_alone is None:  # the thread already ended: all measured in chunks
         cpu_alone = cpu
@@ -269,7 +277,8 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         feed.stopped = True
         return Decision(backend, reason, parallel_slowdown=slowdown, **evidence), feed
 
-    if cores > SELF_PARALLEL_ABOVE and ratio >= WAITING_BELOW:
+    if cores > SELF_PARALLEL_ABOVE:
+        # (Its probe thread may look half idle: it waits for the library's threads.)
         return settle(
             "serial",
             f"one task alone kept {cores:.1f} cores busy (a multi-threaded library), so "
@@ -281,12 +290,18 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
             f"the task spends {1 - ratio:.0%} of its time waiting (CPU {ratio:.0%} of wall "
             "time), and threads wait side by side at almost no cost",
         )
-    if per_task is not None and per_task < 2 * _ship_seconds(alone.sample):
+    ship = _ship_seconds(alone.sample)
+
+    def small(reason_tail: str) -> tuple[Decision, _Feed]:
+        assert per_task is not None
         return settle(
             "serial",
             f"a task takes {per_task * 1e6:.2g} us, less than shipping it to another process "
-            "and its result back would cost, so running in the caller is fastest",
+            f"and its result back would cost{reason_tail}, so running in the caller is fastest",
         )
+
+    if per_task is not None and per_task < 2 * SHIP_SECONDS:
+        return small("")  # too small for any pool: even a thread hand-off costs more
     # It computes: do two copies run in parallel on threads, or take turns on the GIL?
     pair = _ProbeThread(feed, job, "fenfa-probe-1")
     started = time.perf_counter()
@@ -300,8 +315,22 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         on_cpu = sum(s[0] for s in stats if s) - stat_before[0]
         queued = sum(s[1] for s in stats if s) - stat_before[1]
         evidence["contention"] = queued / max(on_cpu + queued, 1e-9)
+    gil_bound_small = per_task is not None and per_task < 2 * ship
+    if before is None or after is None or other is None:
+        # A probe thread ended early (the input ran out): use the chunks both
+        # threads finished during the pair phase instead of the live clocks.
+        finished = [chunk for thread in (alone, pair) for chunk in thread.chunks_after(started)]
+        span = max((chunk[0] for chunk in finished), default=started) - started
+        if (
+            span > PAIR_SECONDS / 4
+            and len({id(t) for t in (alone, pair) if t.chunks_after(started)}) == 2
+        ):
+            before, after, other = 0.0, sum(chunk[3] for chunk in finished), 0.0
+            elapsed = span
     if before is None or after is None or other is None:
         # A probe thread ended: the input ran out before two copies could be compared.
+        if gil_bound_small:
+            return small("")
         return settle(
             "process",
             "the task computes, and the input ran out before two copies could be compared on "
@@ -317,6 +346,8 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
             "to other processes",
             min(slowdown, 2.0),
         )
+    if gil_bound_small:
+        return small(", and two copies on threads took turns on the GIL")
     return settle(
         "process",
         f"the task computes in pure Python holding the GIL: two copies on threads ran only "
