@@ -674,3 +674,11 @@ def test_options_are_checked_at_the_call() -> None:
         fenfa.aimap(asquare, [1], initializer=init_tag)
     with pytest.raises(TypeError, match="callable"):
         fenfa.aimap(42, [1])  # type: ignore[arg-type]
+
+
+def test_a_pool_shut_down_before_its_loop_started_does_not_hang() -> None:
+    # shutdown() right after the pool is made can reach the loop while it is
+    # still running the initializer step; it must stop, not run forever.
+    for _ in range(100):
+        with async_pool() as pool:
+            assert pool.map(asquare, []) == []

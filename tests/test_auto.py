@@ -71,8 +71,8 @@ def test_a_task_that_waits_goes_to_threads() -> None:
 
 @pytest.mark.timeout(120)
 def test_pure_python_computing_goes_to_processes() -> None:
-    results, decision, backend = decide(count, list(range(12)))
-    assert results == list(range(12))
+    results, decision, backend = decide(count, list(range(40)))
+    assert results == list(range(40))
     assert backend == decision.backend == "process"
     assert decision.parallel_slowdown is not None
     assert decision.parallel_slowdown > 1.3  # two copies took turns on the GIL

@@ -31,6 +31,7 @@ finishes on its probe thread and its result is used.
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import threading
 import time
@@ -61,6 +62,9 @@ PARALLEL_ABOVE = 1.5
 # also counts fenfa's own threads and start-up work, seen at up to ~1.4 with
 # a pure-Python task.
 SELF_PARALLEL_ABOVE = 1.8
+# Threads that Python did not start (a library's own workers) burning more
+# than this many cores while one task runs: the task is parallel inside.
+NATIVE_THREADS_ABOVE = 0.3
 # Shipping a task to a process and its result back costs about this much
 # (fixed) plus this much per pickled byte (both measured with the 200k
 # tiny-task benchmark: fenfa's process backend takes ~22 ms where serial
@@ -220,6 +224,27 @@ def _schedstat(native_id: int | None) -> tuple[float, float] | None:
     return int(on_cpu) / 1e9, int(queued) / 1e9
 
 
+def _native_threads_cpu() -> dict[int, float]:
+    """CPU seconds of each thread of this process that Python did not start (Linux).
+
+    Those are a library's own workers (OpenBLAS, MKL, OpenMP): if they burn
+    CPU while one task runs, the task is already parallel inside.
+    """
+    ours = {thread.native_id for thread in threading.enumerate()}
+    seconds: dict[int, float] = {}
+    try:
+        tids = [int(name) for name in os.listdir("/proc/self/task")]
+    except OSError:
+        return seconds
+    for tid in tids:
+        if tid in ours:
+            continue
+        stat = _schedstat(tid)
+        if stat is not None:
+            seconds[tid] = stat[0]
+    return seconds
+
+
 def _wanted_cpu(native_id: int | None) -> float | None:
     """Seconds a thread ran on a CPU plus seconds it was runnable but queued."""
     stat = _schedstat(native_id)
@@ -245,12 +270,16 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     """
     feed = _Feed(inputs, job, min(limit or MAX_PROBE_TASKS, MAX_PROBE_TASKS))
     alone = _ProbeThread(feed, job, "fenfa-probe-0")
+    native_before = _native_threads_cpu()
     process_cpu, begin = time.process_time(), time.perf_counter()
     alone.start()
     alone.join(ALONE_SECONDS)
     # Both clocks at once, before anything that lets go of the GIL: while this
     # thread waits to get it back, a probe thread holding it keeps computing.
     middle, process_cpu = time.perf_counter(), time.process_time() - process_cpu
+    native = sum(
+        seconds - native_before.get(tid, 0.0) for tid, seconds in _native_threads_cpu().items()
+    ) / (middle - begin)
     alone.ready.wait()
     cpu_alone = alone.wanted_clock()
     if cpu_alone is not None and alone.wanted_at_start is not None:
@@ -277,6 +306,13 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         feed.stopped = True
         return Decision(backend, reason, parallel_slowdown=slowdown, **evidence), feed
 
+    if native > NATIVE_THREADS_ABOVE:
+        return settle(
+            "serial",
+            f"while one task ran, threads of a library it calls (BLAS, OpenMP...) kept "
+            f"{native:.1f} cores busy: the task is already parallel inside, and copies side "
+            "by side would only compete for the same cores",
+        )
     if cores > SELF_PARALLEL_ABOVE:
         # (Its probe thread may look half idle: it waits for the library's threads.)
         return settle(

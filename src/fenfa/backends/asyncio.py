@@ -156,7 +156,12 @@ class AsyncBackend(Backend):
             loop.run_until_complete(self._initialize())
             self._ready = True
             self._pump()
-            loop.run_forever()
+            with self._lock:
+                # A shutdown that came while the initializer ran may already have
+                # stopped the loop (its stop was used up by run_until_complete).
+                stopped = self._stopped
+            if not stopped:
+                loop.run_forever()
         finally:
             with self._lock:
                 self._stopped = True
