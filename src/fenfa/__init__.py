@@ -3,7 +3,8 @@
 See DESIGN.md for the contract; this module only re-exports the public names.
 """
 
-from .aio import aimap, amap
+from typing import TYPE_CHECKING, Any
+
 from .api import Executor, imap, imap_unordered, map, run, starmap
 from .errors import (
     BackendUnavailable,
@@ -17,6 +18,20 @@ from .pool import Pool
 from .worker import WorkerInfo, current_worker
 
 __version__ = "0.1.0.dev0"
+
+if TYPE_CHECKING:
+    from .aio import aimap, amap
+
+
+def __getattr__(name: str) -> Any:
+    # amap/aimap need asyncio, whose import costs ~30 ms: paid on first use,
+    # not by every script that imports fenfa.
+    if name in ("amap", "aimap"):
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module 'fenfa' has no attribute {name!r}")
+
 
 __all__ = [
     "BackendUnavailable",
