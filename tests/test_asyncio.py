@@ -482,11 +482,17 @@ def test_aimap_ordered_and_unordered(ordered: bool) -> None:
         async def fn(x: int) -> int:
             if x == 0:
                 await asyncio.wait_for(one_done.wait(), DEADLINE)
-            if x == 1:
+            if x == 1 and ordered:
                 one_done.set()
             return x
 
-        return [r async for r in fenfa.aimap(fn, range(6), ordered=ordered, workers=3)]
+        got = []
+        async for r in fenfa.aimap(fn, range(6), ordered=ordered, workers=3):
+            got.append(r)
+            if r == 1:
+                # Unordered: item 0 can only end after 1 has been handed over.
+                one_done.set()
+        return got
 
     got = asyncio.run(main())
     assert sorted(got) == list(range(6))
@@ -629,8 +635,8 @@ def test_cancelling_the_caller_cancels_pending_coroutines() -> None:
         for _ in range(3):
             await asyncio.sleep(0)  # let the cancelled tasks run their handlers
         assert sorted(cancelled) == [0, 1]
-        assert started == [0, 1]  # 2 and 3 were pulled but never started
-        assert len(pulled) == 4
+        assert started == [0, 1]  # what was pulled beyond them never started
+        assert 2 <= len(pulled) <= 4  # the window bounds the pulls
 
     asyncio.run(main())
 
