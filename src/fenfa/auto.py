@@ -64,7 +64,7 @@ PARALLEL_ABOVE = 1.5
 SELF_PARALLEL_ABOVE = 1.8
 # Threads that Python did not start (a library's own workers) burning more
 # than this many cores while one task runs: the task is parallel inside.
-NATIVE_THREADS_ABOVE = 0.3
+NATIVE_THREADS_ABOVE = 0.15
 # Shipping a task to a process and its result back costs about this much
 # (fixed) plus this much per pickled byte (both measured with the 200k
 # tiny-task benchmark: fenfa's process backend takes ~22 ms where serial
