@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 #: How long a "hung" task may wait before a watchdog releases it: a pool that
 #: fails to interrupt a task then leaves a failing test, not a hung session.
@@ -22,3 +24,11 @@ def endless(start: int = 0) -> Iterator[int]:
         if i - start >= ENDLESS_LIMIT:
             raise RuntimeError(f"{ENDLESS_LIMIT} items pulled: the input is not pulled lazily")
         yield i
+
+
+def hang(directory: str) -> None:
+    """A stuck task: returns only when the test creates ``release`` (or after 60 s)."""
+    release = Path(directory) / "release"
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 import fenfa
+from helpers import hang
 
 BACKENDS = ["process", "thread"]
 
@@ -83,13 +84,6 @@ def start_facts(_: object = None) -> tuple[int, str]:
 
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def hang(directory: str) -> None:
-    release = Path(directory) / "release"
-    deadline = time.monotonic() + 60
-    while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def slow_then_stuck(directory: str, x: int) -> int:

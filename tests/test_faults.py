@@ -43,7 +43,7 @@ import psutil
 import pytest
 
 import fenfa
-from helpers import WATCHDOG_SECONDS
+from helpers import WATCHDOG_SECONDS, hang
 
 #: Backends with workers of their own (rows that need a worker to lose).
 LIVE = ["thread", "process"]
@@ -134,14 +134,6 @@ def record_then_crash_at(directory: str, at: int, work: float, x: int) -> int:
     if x == at:
         crash("kill")
     return x * x
-
-
-def hang(directory: str) -> None:
-    """A stuck task: returns only when the test creates ``release`` (or after 60 s)."""
-    release = Path(directory) / "release"
-    deadline = time.monotonic() + 60
-    while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def note_start(directory: str, x: int) -> None:
