@@ -262,8 +262,14 @@ def run_workload(work: Workload, reps: int) -> dict[str, Any]:
                 row.note = "n/a (ran without error?)"
     decisions: list[dict[str, Any]] = []
     contenders = [*work.backends, "auto"]
-    for _ in range(reps):
-        for name in contenders:
+    for rep in range(reps):
+        # Vary the order each repetition (forwards, backwards, rotated): a contender
+        # that always ran right after the process backend would pay for its workers'
+        # OpenBLAS threads, which spin on after the work for a while (measured: auto
+        # after process 140-157 ms, after serial or thread 67-82 ms, on numpy).
+        order = contenders if rep % 2 == 0 else contenders[::-1]
+        shift = (rep // 2) % len(order)
+        for name in order[shift:] + order[:shift]:
             seconds, out = timed_map(work.fn, work.inputs, name)
             row = rows[name]
             row.times.append(seconds)
@@ -476,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in machine.items():
         if key != "command":
             print(f"- {key}: {value}")
-    print(f"- repetitions: {reps} (min reported), interleaved round-robin\n")
+    print(f"- repetitions: {reps} (min reported), interleaved, order varied per repetition\n")
     results = []
     for work in make_workloads(args.quick, args.scale):
         if args.only and work.name not in args.only:
