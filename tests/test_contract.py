@@ -37,7 +37,7 @@ import pytest
 
 import fenfa
 from fenfa.errors import RemoteTraceback
-from helpers import endless
+from helpers import endless, wait_for
 
 # --------------------------------------------------------------------------- tasks
 
@@ -214,15 +214,6 @@ def assert_task_error(exc: BaseException, index: int, item: object, fn_name: str
     assert any(pattern.search(n) and repr(item) in n for n in notes), (
         f"no note with 'task {index}' and {item!r}: {notes!r}"
     )
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll for a condition another process brings about; fail clearly if it never holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(0.002)
 
 
 class PullCounter:

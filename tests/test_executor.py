@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 import fenfa
-from helpers import hang
+from helpers import hang, wait_for
 
 BACKENDS = ["process", "thread"]
 
@@ -121,14 +121,6 @@ def box(x: int) -> Box:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(0.002)
 
 
 @pytest.fixture(params=BACKENDS)

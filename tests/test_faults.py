@@ -35,7 +35,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ import psutil
 import pytest
 
 import fenfa
-from helpers import WATCHDOG_SECONDS, hang
+from helpers import WATCHDOG_SECONDS, hang, wait_for
 
 #: Backends with workers of their own (rows that need a worker to lose).
 LIVE = ["thread", "process"]
@@ -253,15 +253,6 @@ def load_model_init(directory: str) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll for a condition another process brings about; fail clearly if it never holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(0.002)
 
 
 def gone(pid: int) -> bool:
