@@ -2,7 +2,7 @@
 
 Run from the repository root (the ``bench`` extra brings NumPy)::
 
-    python benchmarks/bench_auto.py [--quick] [--scale K] [--only NAME] [--out FILE.json]
+    python benchmarks/bench_auto.py [--quick] [--reps N] [--scale K] [--only NAME] [--out FILE.json]
 
 Goal: on each workload, module-level ``fenfa.map(fn, xs)`` with ``backend="auto"``
 is within 1.15x of the best fixed backend measured in the same run, and never the
@@ -475,8 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=1, help="multiply the task counts")
     parser.add_argument("--only", choices=WORKLOADS, action="append", help="run only these")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=7,
+        help="repetitions per contender (default 7: the tiny and sha256 calls last 10-30 ms, "
+        "where 3 left the min at the mercy of one noisy spell)",
+    )
     args = parser.parse_args(argv)
-    reps = 2 if args.quick else 3
+    reps = 2 if args.quick else max(1, args.reps)
     machine = machine_info()
     print(f"# fenfa auto vs fixed backends\n\nCommand: `{machine['command']}`\n")
     for key, value in machine.items():
