@@ -28,6 +28,7 @@ PUBLIC_NAMES = [
     "Pool",
     "PoolClosed",
     "SerializationError",
+    "Shared",
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerInfo",
@@ -38,6 +39,7 @@ PUBLIC_NAMES = [
     "imap_unordered",
     "map",
     "run",
+    "share",
     "starmap",
 ]
 

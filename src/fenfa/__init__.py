@@ -15,6 +15,7 @@ from .errors import (
     WorkerCrashed,
 )
 from .pool import Pool
+from .sharing import Shared, share
 from .worker import WorkerInfo, current_worker
 
 __version__ = "0.1.0.dev0"
@@ -40,6 +41,7 @@ __all__ = [
     "Pool",
     "PoolClosed",
     "SerializationError",
+    "Shared",
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerInfo",
@@ -50,5 +52,6 @@ __all__ = [
     "imap_unordered",
     "map",
     "run",
+    "share",
     "starmap",
 ]

@@ -13,7 +13,13 @@ from .errors import short_repr
 
 ON_ERROR = ("raise", "return", "skip")
 CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error")
-POOL_ONLY_OPTIONS = ("initializer", "initargs", "start_method", "max_tasks_per_worker")
+POOL_ONLY_OPTIONS = (
+    "initializer",
+    "initargs",
+    "start_method",
+    "max_tasks_per_worker",
+    "native_threads",
+)
 START_METHODS = ("fork", "forkserver", "spawn")
 
 
@@ -60,6 +66,14 @@ class CallOptions:
         return replace(self, **overrides) if overrides else self
 
 
+def check_native_threads(value: object) -> None:
+    if value == "auto" or value is False:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    raise ValueError(f"native_threads must be 'auto', a whole number >= 1, or False, got {value!r}")
+
+
 def check_callable(fn: object) -> None:
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__} {short_repr(fn)}")
@@ -71,5 +85,6 @@ __all__ = [
     "START_METHODS",
     "CallOptions",
     "check_callable",
+    "check_native_threads",
     "positive",
 ]

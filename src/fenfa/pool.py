@@ -19,7 +19,7 @@ from .auto import Decision, unmeasured
 from .backends import Backend, backend_class, check_name, default_workers
 from .errors import PoolClosed
 from .insights import Insights
-from .options import START_METHODS, CallOptions, check_callable, positive
+from .options import START_METHODS, CallOptions, check_callable, check_native_threads, positive
 from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 from .window import Run, annotate
 
@@ -50,6 +50,7 @@ class _FutureJob(Job):
             self.started = True
             running = self.future.set_running_or_notify_cancel()
         if not running:  # cancelled by its owner before it started
+            self.release_shared()
             self.pool._forget(self)
         return running
 
@@ -59,6 +60,8 @@ class _FutureJob(Job):
             if not self.started and self.future.cancel():
                 self.started = True
                 self.future.set_running_or_notify_cancel()
+        if self.future.done():
+            self.release_shared()
         self.pool._forget(self)
 
     def dropped(self) -> bool:
@@ -78,6 +81,8 @@ class _FutureJob(Job):
                 self.future.set_exception(exc)
         else:
             self.future.set_exception(annotate(piece.error, 0, batch.items[0], batch.attempt))
+        if self.future.done():
+            self.release_shared()
         self.pool._forget(self)
 
 
@@ -119,8 +124,10 @@ class Pool:
         initargs: Iterable[Any] = (),
         start_method: str | None = None,
         max_tasks_per_worker: int | None = None,
+        native_threads: int | str | bool = "auto",
     ) -> None:
         positive("workers", workers)
+        check_native_threads(native_threads)
         positive("max_tasks_per_worker", max_tasks_per_worker)
         if start_method is not None and start_method not in START_METHODS:
             raise ValueError(
@@ -134,6 +141,7 @@ class Pool:
             "initargs": tuple(initargs),
             "max_tasks_per_worker": max_tasks_per_worker,
             "start_method": start_method,
+            "native_threads": native_threads,
         }
         #: The resolved backend; "auto" until the first call has been measured.
         self.backend: str = resolve_backend(backend, workers)
@@ -172,6 +180,7 @@ class Pool:
         options = dict(self._backend_options)
         if name != "process":
             del options["start_method"]
+            del options["native_threads"]
         count = self.workers if self.workers is not None else default_workers(name)
         backend = backend_class(name)(count, **options)
         self._backend = backend

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import RemoteTraceback, format_traceback
+from .sharing import Scope, handles_alive, resolve, resolve_function
 
 
 class Style(enum.IntEnum):
@@ -65,7 +66,16 @@ class Job:
     spent on them (the adaptive chunk size feeds on that).
     """
 
-    __slots__ = ("cancelled", "deliver", "fn", "payload", "stop_on_error", "style", "timeout")
+    __slots__ = (
+        "cancelled",
+        "deliver",
+        "fn",
+        "payload",
+        "shares",
+        "stop_on_error",
+        "style",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -84,6 +94,19 @@ class Job:
         # (key, pickled fn), filled by a process backend the first time it
         # needs it, so the function is pickled once per call, not per batch.
         self.payload: tuple[bytes, bytes] | None = None
+        # The arrays this call shares with process workers on its own (made
+        # by the first batch that needs it), released when the call ends.
+        self.shares: Scope | None = None
+
+    def scope(self) -> Scope:
+        if self.shares is None:
+            self.shares = Scope()
+        return self.shares
+
+    def release_shared(self) -> None:
+        """The call is over: free what it shared on its own."""
+        if self.shares is not None:
+            self.shares.release()
 
     def claim(self) -> bool:
         """Called by a backend just before it starts a batch: run it or drop it?"""
@@ -141,7 +164,20 @@ def is_coroutine_function(fn: Callable[..., Any]) -> bool:
 
 
 def caller(fn: Callable[..., Any], style: Style) -> Callable[[Any], Any]:
-    """A one-argument callable that makes the call an item stands for."""
+    """A one-argument callable that makes the call an item stands for.
+
+    In a process that holds :class:`~fenfa.sharing.Shared` handles (tasks run
+    here: thread, serial, async, auto's probe), handles in the function and
+    in each item are replaced by their values first, as unpickling does in a
+    process worker.
+    """
+    if handles_alive():
+        plain = _caller(resolve_function(fn), style)
+        return lambda item: plain(resolve(item))
+    return _caller(fn, style)
+
+
+def _caller(fn: Callable[..., Any], style: Style) -> Callable[[Any], Any]:
     if style is Style.ONE:
         return fn
     if style is Style.STAR:

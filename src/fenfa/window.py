@@ -302,6 +302,7 @@ class Run:
         stage upstream is stopped too: nobody will pull from it any more.
         """
         self._job.cancelled = True
+        self._job.release_shared()
         upstream = self._inputs
         if upstream in _stages:
             upstream.close()  # type: ignore[attr-defined]

@@ -14,13 +14,17 @@ Parent -> worker::
 
     FUNC   header (key,)                                    body: cloudpickled function
     BATCH  header (batch_id, key, style, start, count, stream)  body: pickled items
+    FORGET header (paths, keys)  shared segments released: drop their mappings and
+           the functions that refer to them (the parent's mirror drops them too)
     STOP   -
 
 Worker -> parent::
 
     READY       -   the initializer (if any) ran; tasks may come
-    RESULT      header (batch_id, busy_seconds, spans)   body: one payload per span
+    RESULT      header (batch_id, busy_seconds, spans, sizes)   body: one payload per span
                  spans: [(start, count, ok)]; ok -> a list of values, else a packed exception
+                 sizes: the byte counts of the pickle's out-of-band buffers (large NumPy
+                 results), written raw to the socket right after the frame
     RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
     INIT_FAILED header packed exception from the initializer
 """
@@ -30,7 +34,9 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -39,11 +45,13 @@ from typing import Any
 
 import cloudpickle
 
+from .. import sharing
 from ..errors import SerializationError, pack_exception
 from ..tasks import Err, Ok, Piece, Style, caller, run_batch
 from ..worker import set_slot
 
-FUNC, BATCH, STOP, READY, RESULT, RETIRE, INIT_FAILED = b"F", b"B", b"S", b"Y", b"R", b"T", b"I"
+FUNC, BATCH, FORGET, STOP = b"F", b"B", b"G", b"S"
+READY, RESULT, RETIRE, INIT_FAILED = b"Y", b"R", b"T", b"I"
 # The exit code of a worker that left because its parent died.
 EXIT_ORPHANED = 70
 _HLEN = struct.Struct("!I")
@@ -52,6 +60,20 @@ _HLEN = struct.Struct("!I")
 # mirrors this cache exactly (same size, same order of use), so it knows
 # without asking whether a worker still holds a function.
 FUNCTION_CACHE_SIZE = 32
+# A result buffer (a NumPy array's data) this large or larger crosses out of
+# band: written from the array's memory straight to the socket and read
+# straight into the buffer the parent's array will use. Smaller ones ride
+# inside the pickle, where one message beats three.
+OUT_OF_BAND_BYTES = 64 * 1024
+# The environment variables that size the thread pools of native libraries.
+NATIVE_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
 
 
 def frame(kind: bytes, header: Any, body: bytes = b"") -> bytes:
@@ -66,24 +88,52 @@ def unframe(message: bytes) -> tuple[bytes, Any, memoryview]:
     return message[:1], header, view[5 + hlen :]
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle with the standard library (fast); cloudpickle only when that fails."""
+def dumps(obj: Any, buffers: list[memoryview] | None = None) -> bytes:
+    """Pickle with the standard library (fast); cloudpickle only when that fails.
+
+    With ``buffers``, large buffers (see OUT_OF_BAND_BYTES) are left out of the
+    pickle and appended there instead.
+    """
+    callback = None if buffers is None else _out_of_band(buffers)
     try:
-        return pickle.dumps(obj, protocol=5)
+        return pickle.dumps(obj, protocol=5, buffer_callback=callback)
     except Exception:
-        return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
+        if buffers:
+            buffers.clear()
+        return cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)  # type: ignore[no-any-return]
 
 
-def encode_results(pieces: list[Piece]) -> tuple[list[tuple[int, int, bool]], bytes]:
-    """Spans and body for a RESULT frame; a value that will not pickle fails its task only."""
+def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
+    def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < OUT_OF_BAND_BYTES:
+            return True
+        buffers.append(raw)
+        return False
+
+    return keep_in_band
+
+
+Encoded = tuple[list[tuple[int, int, bool]], bytes, list[memoryview]]
+
+
+def encode_results(pieces: list[Piece]) -> Encoded:
+    """Spans, body and out-of-band buffers for a RESULT frame.
+
+    A value that will not pickle fails its task only.
+    """
     spans = [
         (p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False) for p in pieces
     ]
     payloads = [p.values if isinstance(p, Ok) else p.error for p in pieces]
+    buffers: list[memoryview] = []
     try:
-        return spans, dumps(payloads)
+        return spans, dumps(payloads, buffers), buffers
     except Exception:
-        pass
+        buffers.clear()
     # Slow path: find the values that do not pickle and fail those tasks alone.
     fixed: list[Piece] = []
     for piece in pieces:
@@ -106,14 +156,19 @@ def encode_results(pieces: list[Piece]) -> tuple[list[tuple[int, int, bool]], by
     spans = [
         (p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False) for p in fixed
     ]
-    return spans, dumps([p.values if isinstance(p, Ok) else p.error for p in fixed])
+    body = dumps([p.values if isinstance(p, Ok) else p.error for p in fixed], buffers)
+    return spans, body, buffers
+
+
+# Sends a frame, then writes the raw bytes of its out-of-band buffers.
+Send = Callable[..., None]
 
 
 class _Reporter:
     """Sends a batch's pieces: each at once when streaming, else all at the end."""
 
-    def __init__(self, send: Callable[[bytes], None], batch_id: int, stream: bool) -> None:
-        self.send = send
+    def __init__(self, send: Send, batch_id: int, stream: bool) -> None:
+        self.send = send  # sends a frame, then writes the raw buffers that follow it
         self.batch_id = batch_id
         self.stream = stream
         self.pieces: list[Piece] = []
@@ -127,14 +182,15 @@ class _Reporter:
     def flush(self) -> None:
         if self.pieces:
             now = time.perf_counter()
-            spans, data = encode_results(self.pieces)
-            self.send(frame(RESULT, (self.batch_id, now - self.last, spans), data))
+            spans, data, buffers = encode_results(self.pieces)
+            sizes = [buffer.nbytes for buffer in buffers]
+            self.send(frame(RESULT, (self.batch_id, now - self.last, spans, sizes), data), buffers)
             self.pieces.clear()
             self.last = now
 
 
 def _serve_batch(
-    send: Callable[[bytes], None],
+    send: Send,
     fn: Callable[..., Any] | BaseException,
     header: Any,
     body: memoryview,
@@ -159,7 +215,7 @@ def _serve_batch(
         )
         packed = pack_exception(error)
         spans = [(start + i, 1, False) for i in range(count)]
-        send(frame(RESULT, (batch_id, 0.0, spans), dumps([packed] * count)))
+        send(frame(RESULT, (batch_id, 0.0, spans, []), dumps([packed] * count)))
         return 0
     if budget is not None and budget < count:
         items = items[:budget]
@@ -168,11 +224,49 @@ def _serve_batch(
     return ran
 
 
-def _watch_parent(lifeline: Any) -> None:
+def _watch_parent(lifeline: Any, parent: int) -> None:
     try:
         lifeline.poll(None)  # nothing is ever written: this returns at end of file
+        # The parent died without cleaning up (SIGKILL): its shared segments
+        # would outlive everyone. Whichever worker gets here first removes them.
+        sharing.sweep(parent)
     finally:
         os._exit(EXIT_ORPHANED)
+
+
+def cap_native_threads(limit: int | None) -> None:
+    """Size native thread pools (BLAS, OpenMP) to ``limit`` threads in this worker.
+
+    Environment variables reach libraries loaded from now on; a variable the
+    user set is left as it is. Libraries already loaded (imported by the main
+    script the forkserver preloaded, or inherited through fork) are resized
+    through threadpoolctl when it is installed.
+    """
+    if limit is None:
+        return
+    chosen = [name for name in NATIVE_THREAD_VARIABLES if name in os.environ]
+    for name in NATIVE_THREAD_VARIABLES:
+        os.environ.setdefault(name, str(limit))
+    if chosen or not any(name in sys.modules for name in ("numpy", "scipy", "torch")):
+        return
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    threadpool_limits(limits=limit)
+
+
+def _sender(conn: Any) -> Send:
+    """Sends a frame, then the raw bytes of its out-of-band buffers, in order."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    send_bytes = conn.send_bytes
+
+    def send(message: bytes, buffers: list[memoryview] | None = None) -> None:
+        send_bytes(message)
+        for buffer in buffers or ():
+            sock.sendall(buffer)
+
+    return send
 
 
 def worker_main(
@@ -182,19 +276,22 @@ def worker_main(
     worker_id: int,
     setup: bytes | None,
     max_tasks: int | None,
+    parent: int,
+    native_threads: int | None,
 ) -> None:
     # Under fork the child inherits the parent's write end too: close it, or
     # the parent's death would never read as end of file.
     lifeline_w.close()
     threading.Thread(
-        target=_watch_parent, args=(lifeline,), daemon=True, name="fenfa-lifeline"
+        target=_watch_parent, args=(lifeline, parent), daemon=True, name="fenfa-lifeline"
     ).start()
     # Ctrl-C reaches the whole process group; the parent decides what it
     # means and stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cap_native_threads(native_threads)
     state: dict[str, Any] = {}
     set_slot(worker_id, "process", state)
-    send = conn.send_bytes
+    send = _sender(conn)
     if setup is not None:
         try:
             initializer, initargs = cloudpickle.loads(setup)
@@ -223,6 +320,12 @@ def worker_main(
                 )
             if len(functions) > FUNCTION_CACHE_SIZE:
                 functions.popitem(last=False)
+            continue
+        if kind == FORGET:
+            paths, keys = header
+            sharing.forget(paths)
+            for key in keys:
+                functions.pop(key, None)
             continue
         if kind == STOP:
             return

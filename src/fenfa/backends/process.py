@@ -43,6 +43,7 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ from typing import Any
 
 import cloudpickle
 
+from .. import sharing
 from ..errors import (
     FenfaError,
     PoolClosed,
@@ -62,8 +64,19 @@ from ..errors import (
     unpack_exception,
 )
 from ..tasks import Batch, Err, Job, Ok, Piece, Style
-from . import _worker
-from ._worker import BATCH, FUNC, INIT_FAILED, READY, RESULT, RETIRE, STOP, frame, unframe
+from . import _worker, usable_cores
+from ._worker import (
+    BATCH,
+    FORGET,
+    FUNC,
+    INIT_FAILED,
+    READY,
+    RESULT,
+    RETIRE,
+    STOP,
+    frame,
+    unframe,
+)
 from .base import Backend
 from .thread import fail_batch
 
@@ -112,6 +125,20 @@ def _main_guard_hint(method: str) -> str:
     )
 
 
+def _receive_into(sock: socket.socket, buffer: bytearray) -> bool:
+    """Fill ``buffer`` from ``sock``; False if the other end closed first."""
+    view = memoryview(buffer)
+    while view:
+        try:
+            count = sock.recv_into(view)
+        except OSError:
+            return False
+        if count == 0:
+            return False
+        view = view[count:]
+    return True
+
+
 def _unpicklable_part(item: Any, style: Style) -> str:
     """Which argument of a task's input does not pickle, in words."""
     if style is Style.ONE:
@@ -142,6 +169,7 @@ class _Worker:
         "ready",
         "retiring",
         "sender",
+        "sock",
         "task_started",
     )
 
@@ -149,6 +177,8 @@ class _Worker:
         self.id = worker_id
         self.process = process
         self.conn = conn
+        # The same socket as ``conn``, for the raw out-of-band result buffers.
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.batches: deque[Batch] = deque()
         # Mirror of the worker's function cache: same size, same order of use.
@@ -201,8 +231,24 @@ class ProcessBackend(Backend):
     name = "process"
     remote = True
 
-    def __init__(self, workers: int, *, start_method: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        start_method: str | None = None,
+        native_threads: int | str | bool = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(workers, **kwargs)
+        if native_threads == "auto":
+            # N workers each running a BLAS with every core's worth of threads
+            # would start N x cores threads on cores cores.
+            self.native_threads: int | None = max(1, usable_cores() // workers)
+        elif native_threads is False:
+            self.native_threads = None
+        else:
+            assert isinstance(native_threads, int)
+            self.native_threads = native_threads
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             # We are a worker being started, re-importing the main script,
             # and that script starts a pool at import time.
@@ -250,6 +296,7 @@ class ProcessBackend(Backend):
         )
         self._manager.start()
         _live.add(self)
+        sharing.add_listener(self)
 
     # -- workers --------------------------------------------------------
 
@@ -266,6 +313,8 @@ class ProcessBackend(Backend):
                 worker_id,
                 self._setup,
                 self.max_tasks_per_worker,
+                os.getpid(),
+                self.native_threads,
             ),
         )
         try:
@@ -290,13 +339,15 @@ class ProcessBackend(Backend):
         job = batch.job
         if job.payload is None:
             try:
-                data = cloudpickle.dumps(job.fn, protocol=5)
+                data, paths = sharing.dumps_function(job.fn, job.scope())
             except Exception as exc:
                 raise SerializationError(
                     f"the function {job.fn!r} could not be pickled: {type(exc).__name__}: {exc}",
                     what="function",
                 ) from exc
-            job.payload = (hashlib.blake2b(data, digest_size=16).digest(), data)
+            key = hashlib.blake2b(data, digest_size=16).digest()
+            sharing.note_function(key, paths)
+            job.payload = (key, data)
         for part in self._encode(batch):
             with self._lock:
                 if self._stopped:
@@ -314,7 +365,7 @@ class ProcessBackend(Backend):
     def _encode(self, batch: Batch) -> list[Batch]:
         """Give ``batch`` its wire form; a task whose input will not pickle fails alone."""
         try:
-            batch.wire = self._frame(batch, _worker.dumps(batch.items))
+            batch.wire = self._frame(batch, self._dumps(batch))
             return [batch]
         except Exception:
             pass
@@ -343,8 +394,13 @@ class ProcessBackend(Backend):
         if good:
             parts.append(Batch(batch.job, first, good, batch.attempt))
         for part in parts:
-            part.wire = self._frame(part, _worker.dumps(part.items))
+            part.wire = self._frame(part, self._dumps(part))
         return parts
+
+    @staticmethod
+    def _dumps(batch: Batch) -> bytes:
+        """The items of ``batch`` pickled; large arrays among them shared, once per call."""
+        return sharing.dumps_items(batch.items, batch.job.scope())
 
     @staticmethod
     def _streams(batch: Batch) -> bool:
@@ -488,7 +544,13 @@ class ProcessBackend(Backend):
             return False  # the worker died; its sentinel fires and _reap blames
         kind, header, body = unframe(message)
         if kind == RESULT:
-            self._results(worker, header, body)
+            buffers = []
+            for size in header[3]:
+                buffer = bytearray(size)
+                if not _receive_into(worker.sock, buffer):
+                    return False  # died halfway: as if nothing had come
+                buffers.append(buffer)
+            self._results(worker, header, body, buffers)
         elif kind == READY:
             with self._lock:
                 worker.ready = True
@@ -510,14 +572,16 @@ class ProcessBackend(Backend):
             self._break(error)
         return True
 
-    def _results(self, worker: _Worker, header: Any, body: memoryview) -> None:
-        batch_id, busy, spans = header
+    def _results(
+        self, worker: _Worker, header: Any, body: memoryview, buffers: list[bytearray]
+    ) -> None:
+        batch_id, busy, spans, _sizes = header
         if not worker.batches or worker.batches[0].id != batch_id:
             return  # the pool broke and already failed this batch
         batch = worker.batches[0]
         pieces: list[Piece] = []
         try:
-            payloads = pickle.loads(body)
+            payloads = pickle.loads(body, buffers=buffers)
         except Exception as exc:
             for start, count, _ok in spans:
                 for index in range(start, start + count):
@@ -546,7 +610,7 @@ class ProcessBackend(Backend):
         for batch in reversed(held):
             if batch.done < len(batch.items):
                 rest = batch.tail()
-                rest.wire = self._frame(rest, _worker.dumps(rest.items))
+                rest.wire = self._frame(rest, self._dumps(rest))
                 self._pending.appendleft(rest)
 
     def _reap(self, worker: _Worker) -> None:
@@ -560,6 +624,7 @@ class ProcessBackend(Backend):
         code = worker.process.exitcode
         worker.outbox.put(None)
         worker.conn.close()
+        worker.sock.close()
         blamed: tuple[Batch, int, BaseException] | None = None
         with self._lock:
             del self._workers[worker.id]
@@ -632,6 +697,17 @@ class ProcessBackend(Backend):
                 if worker.batches and worker.batches[0].job is job:
                     worker.kill(PoolClosed("the call was interrupted"))
 
+    def forget(self, paths: list[str], keys: list[bytes]) -> None:
+        """Shared segments were released: workers drop them, and the functions using them."""
+        with self._lock:
+            if self._stopped:
+                return
+            message = frame(FORGET, (paths, keys))
+            for worker in self._workers.values():
+                for key in keys:
+                    worker.functions.pop(key, None)
+                worker.outbox.put(message)
+
     # -- stopping -------------------------------------------------------
 
     def _stop_workers(self) -> None:
@@ -651,6 +727,7 @@ class ProcessBackend(Backend):
                 worker.process.join()
             worker.sender.join()
             worker.conn.close()
+            worker.sock.close()
         self._lifeline_w.close()
         self._lifeline_r.close()
         _live.discard(self)

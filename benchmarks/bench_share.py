@@ -1,0 +1,1243 @@
+"""Large data without copies: fenfa's sharing against its peers (issue 6).
+
+Run from the repository root (the ``bench`` extra brings NumPy and the peers;
+``threadpoolctl``, when installed, shows the BLAS threads of the ``native`` workload)::
+
+    python benchmarks/bench_share.py [--quick] [--scale K] [--reps N] [--workers W]
+                                     [--only NAME] [--out FILE.json]
+
+Method (``shared/BENCHMARKING.md``): every contender of a table runs in this one
+process run, back to back on the same inputs; the repetitions are interleaved
+round-robin and the order is varied per repetition (forwards, backwards, rotated),
+so that a noisy spell, or the BLAS threads a previous contender left spinning,
+hits all of them alike. The table shows the minimum of the repetitions (the
+least-disturbed run), the median beside it, and the ratio of the minima to a named
+reference row. Every timed call's output is checked against the serial answer.
+Garbage is collected before each timing, not during. Warm against warm: every
+contender runs once before the clock is used, and the pools that outlive a call
+(fenfa's default pools, ``multiprocessing.Pool``, ``ProcessPoolExecutor``, joblib's
+reusable loky executor, mpire with ``keep_alive``) are started before timing, so
+their start-up is excluded. The exceptions are named in each row: a
+``Pool(initializer=...)`` or an mpire ``WorkerPool(shared_objects=...)`` binds the
+data when the pool starts, so handing new data to workers that way costs a pool
+start, and those rows time the start plus the map (the pool's teardown, like every
+row's clean-up, runs after the clock stops). The peers get the ``forkserver``
+context (fenfa's default on Linux) and, where the data rides on the pool start,
+also ``fork`` (Python 3.11's default on Linux, where workers inherit the array
+without a copy).
+
+Workloads (``--only`` picks one, repeatable; ``--scale K`` multiplies task counts):
+
+``args``
+    An 80 MB float64 array (10M seeded normals) and 40 tasks; task i sums slice i
+    of 40 and returns a float. fenfa with the array passed plainly
+    (``partial(task, big)``: automatic sharing), the same with automatic sharing
+    disabled (``fenfa.sharing.AUTO_SHARE_BYTES = 1 << 62``: what the copy costs),
+    with ``fenfa.share(big)`` made inside the timed call and made once outside,
+    against ``Pool.map(partial(task, big))`` (the guide's pitfall),
+    ``Pool(initializer=set_global, initargs=(big,))`` (pool start + map, and map
+    only on a pool whose workers already hold the data), mpire
+    ``WorkerPool(shared_objects=big)`` and joblib ``Parallel`` (loky, automatic
+    memmapping of arrays over 1 MB). Also the parent's peak RSS growth per
+    contender, sampled every millisecond in one extra untimed run. Goal (issue 6):
+    fenfa with the plain call <= 1.2x Pool+initializer.
+``results``
+    40 tasks each returning a 20 MB float64 array (``np.full(2_621_440, i)``): fenfa
+    process (pickle protocol 5 out-of-band buffers) against ``Pool.map``,
+    ``ProcessPoolExecutor.map``, joblib and mpire; fenfa's thread backend as the
+    no-copy reference.
+``threshold``
+    The measurement behind ``fenfa.sharing.AUTO_SHARE_BYTES``: arrays of 16 KiB to
+    64 MiB, each bound with ``partial`` to 40 tasks that return its first element;
+    fenfa's process backend with automatic sharing forced on for every array
+    (threshold 0) against forced off (threshold ``1 << 62``). The smallest size
+    from which sharing wins at every larger size is the constant's measured value.
+``native``
+    16 tasks, each a chain of 4 float64 512x512 matrix multiplies, on
+    ``fenfa.Pool(backend="process", workers=2, native_threads=...)`` with the native
+    thread pools capped (``"auto"``) and left alone (``False``); each pool's workers
+    also report their OS thread count (``/proc/self/task``) and the BLAS/OpenMP
+    thread pools threadpoolctl sees, to show the cap took effect.
+
+The load average is printed before and after each workload: other work on the
+machine inflates times, and the run should be repeated then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import functools
+import gc
+import json
+import math
+import multiprocessing
+import multiprocessing.pool
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import fenfa
+
+CORES = len(os.sched_getaffinity(0))
+WORKLOADS = ("args", "results", "threshold", "native")
+PEER_START_METHOD = "forkserver"  # fenfa's default on Linux; the peers get the same
+NEVER_SHARE = 1 << 62  # AUTO_SHARE_BYTES that no array reaches
+GOAL_RATIO = 1.2  # issue 6: fenfa plain call <= 1.2x Pool+initializer
+SEED = 20240601
+KIB = 1024
+MIB = 1024 * KIB
+
+# --- task functions (module level: every backend's workers import them) ---------------------
+
+_WORKER_ARRAY: Any = None  # set in each worker by the Pool initializer
+
+
+def slice_sum(big: Any, part: slice) -> float:
+    """The ``args`` task: the sum of one slice of the big array."""
+    return float(big[part].sum())
+
+
+def set_worker_array(big: Any) -> None:
+    """``Pool(initializer=...)``: keep the array in a global of the worker."""
+    global _WORKER_ARRAY
+    _WORKER_ARRAY = big
+
+
+def global_slice_sum(part: slice) -> float:
+    """The ``args`` task reading the array the initializer stored."""
+    return float(_WORKER_ARRAY[part].sum())
+
+
+def mpire_slice_sum(shared: Any, part: slice) -> float:
+    """mpire passes its ``shared_objects`` as the first argument."""
+    return float(shared[part].sum())
+
+
+def make_block(i: int, size: int) -> Any:
+    """The ``results`` task: a ``size``-element float64 array full of ``i``."""
+    return np.full(size, i, dtype=np.float64)
+
+
+def first_element(arr: Any, _: int) -> float:
+    """The ``threshold`` task: touch the array, return almost nothing."""
+    return float(arr[0])
+
+
+def matmul_chain(i: int, size: int, steps: int) -> float:
+    """The ``native`` task: ``steps`` multiplies of seeded ``size`` x ``size`` matrices."""
+    rng = np.random.default_rng(i)
+    a = rng.standard_normal((size, size))
+    b = rng.standard_normal((size, size)) / math.sqrt(size)  # keeps the chain bounded
+    for _ in range(steps):
+        a = a @ b
+    return float(a.sum())
+
+
+def thread_report(_: Any) -> dict[str, Any]:
+    """This worker's pid, OS thread count, native thread pools and thread env variables."""
+    pools: list[str] | None
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        pools = None
+    else:
+        pools = [
+            f"{p.get('internal_api')}={p.get('num_threads')}"
+            for p in threadpool_info()
+            if p.get("user_api") in ("blas", "openmp")
+        ]
+    env_names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    return {
+        "pid": os.getpid(),
+        "os_threads": len(os.listdir("/proc/self/task")),
+        "pools": pools,
+        "env": {k: os.environ[k] for k in env_names if k in os.environ},
+    }
+
+
+def whoami(_: Any) -> tuple[int, str]:
+    """The parent pid and ``__main__`` name of the worker that runs it."""
+    return os.getppid(), sys.modules["__main__"].__name__
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    scale: int
+    reps: int
+    workers: int
+    args_elements: int  # float64 elements of the big array
+    args_tasks: int
+    results_elements: int  # float64 elements of each returned array
+    results_tasks: int
+    threshold_sizes: tuple[int, ...]  # bytes
+    threshold_tasks: int
+    native_size: int
+    native_steps: int
+    native_tasks: int
+
+    @classmethod
+    def make(cls, quick: bool, scale: int, reps: int | None, workers: int | None) -> Settings:
+        sizes = (16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB)
+        return cls(
+            quick=quick,
+            scale=scale,
+            reps=reps or (3 if quick else 5),
+            workers=workers or CORES,
+            args_elements=1_000_000 if quick else 10_000_000,
+            args_tasks=40 * scale,
+            results_elements=262_144 if quick else 2_621_440,
+            results_tasks=40 * scale,
+            threshold_sizes=sizes[:5] if quick else sizes,
+            threshold_tasks=40 * scale,
+            native_size=256 if quick else 512,
+            native_steps=4,
+            native_tasks=16 * scale,
+        )
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def fmt_ratio(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "-"
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"
+
+
+def fmt_bytes(n: float) -> str:
+    if n >= MIB:
+        return f"{n / MIB:g} MiB"
+    return f"{n / KIB:g} KiB"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "MISSED"
+
+
+def loadavg() -> str:
+    """The 1-, 5- and 15-minute load averages: well above 0, other work shared the cores."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+@contextlib.contextmanager
+def auto_share(threshold: int) -> Iterator[None]:
+    """Force ``fenfa.sharing.AUTO_SHARE_BYTES`` (read in this, the calling, process)."""
+    import fenfa.sharing
+
+    saved = fenfa.sharing.AUTO_SHARE_BYTES
+    fenfa.sharing.AUTO_SHARE_BYTES = threshold
+    try:
+        yield
+    finally:
+        fenfa.sharing.AUTO_SHARE_BYTES = saved
+
+
+def auto_share_default() -> str:
+    try:
+        import fenfa.sharing
+    except ImportError as exc:
+        return f"n/a ({exc})"
+    return f"{fenfa.sharing.AUTO_SHARE_BYTES:,} bytes"
+
+
+def release(handle: Any) -> None:
+    """Free a ``fenfa.share`` handle's segment now, by whichever method it offers."""
+    for name in ("close", "release", "unlink"):
+        method = getattr(handle, name, None)
+        if callable(method):
+            method()
+            return
+
+
+def shm_entries() -> set[str]:
+    """Names in /dev/shm, without joblib's memmapping folders (its executor owns them)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if not n.startswith("joblib_memmapping")}
+    except OSError:
+        return set()
+
+
+class PeakRss:
+    """Peak RSS growth of this process while the block runs, sampled every millisecond.
+
+    The samples come from a thread: use it in an untimed run, not a timed one. Pages
+    of shared memory this process writes (a ``fenfa.share`` copy) count in RSS too.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self.base = self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self.base = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 1e6
+
+
+def fenfa_start_method(workers: int) -> str:
+    """The start method of fenfa's process workers, inferred from a worker."""
+    ppid, main_name = fenfa.map(whoami, [0], backend="process", workers=workers)[0]
+    if ppid != os.getpid():
+        return "forkserver"  # the workers are children of the fork server
+    return "fork" if main_name == "__main__" else "spawn"
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    pools = [
+        f"{p.get('internal_api')} {p.get('version')}, {p.get('num_threads')} threads"
+        for p in threadpool_info()
+        if p.get("user_api") in ("blas", "openmp")
+    ]
+    return "; ".join(pools) or "no BLAS loaded"
+
+
+def machine_info(settings: Settings) -> dict[str, Any]:
+    import joblib
+
+    shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
+    return {
+        "usable_cores": CORES,
+        "os_cpu_count": os.cpu_count(),
+        "workers": settings.workers,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "fenfa": fenfa.__version__,
+        "fenfa_start_method": fenfa_start_method(settings.workers),
+        "peer_start_method": PEER_START_METHOD,
+        "numpy": np.__version__,
+        "blas": blas_info(),
+        "joblib": joblib.__version__,
+        "mpire": version("mpire"),
+        "auto_share_bytes": auto_share_default(),
+        "dev_shm": f"{shm.total / 2**30:.1f} GiB" if shm else "none",
+        "loadavg_at_start": loadavg(),
+    }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"Machine: {m['usable_cores']} usable cores (os.cpu_count() {m['os_cpu_count']}), "
+        f"{m['workers']} workers per pool, {m['python']}, {m['platform']}; NumPy {m['numpy']} "
+        f"({m['blas']}); start methods: fenfa {m['fenfa_start_method']} (observed), peers "
+        f"{m['peer_start_method']} (and fork where named), joblib loky; joblib {m['joblib']}, "
+        f"mpire {m['mpire']}; fenfa.sharing.AUTO_SHARE_BYTES default {m['auto_share_bytes']}; "
+        f"/dev/shm {m['dev_shm']}; load average at start {m['loadavg_at_start']}"
+    )
+
+
+# --- contenders and the measuring loop ---------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    start: str  # start method, "loky", or "-" in this process
+    run: Callable[[], Any]
+    note: str = ""
+    # Runs after the clock stops: a pool made inside the timed region is shut down here.
+    cleanup: Callable[[], None] | None = None
+
+
+@dataclass
+class Result:
+    contender: Contender
+    samples: list[float] = field(default_factory=list)
+    rss_mb: float | None = None
+    checked: int = 0  # timed outputs compared with the serial answer
+    error: str | None = None
+
+    @property
+    def best(self) -> float:
+        return min(self.samples) if self.samples else math.nan
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.nan
+
+    def json(self) -> dict[str, Any]:
+        c = self.contender
+        return {
+            "name": c.name,
+            "start_method": c.start,
+            "note": c.note,
+            "min_s": self.best if self.samples else None,
+            "median_s": self.median if self.samples else None,
+            "samples_s": self.samples,
+            "parent_rss_growth_mb": self.rss_mb,
+            "outputs_checked": self.checked,
+            "error": self.error,
+        }
+
+
+class Fresh:
+    """A pool started inside the timed region and shut down after the clock stops."""
+
+    def __init__(self, make: Callable[[], Any], call: Callable[[Any], Any]) -> None:
+        self._make, self._call = make, call
+        self._pool: Any = None
+
+    def run(self) -> Any:
+        self._pool = self._make()
+        return self._call(self._pool)
+
+    def cleanup(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+            with contextlib.suppress(AttributeError):
+                pool.join()
+
+
+class ShareInside:
+    """``fenfa.share(big)`` inside the timed call; the handle is released afterwards."""
+
+    def __init__(self, big: Any, call: Callable[[Any], Any]) -> None:
+        self._big, self._call = big, call
+        self._handle: Any = None
+
+    def run(self) -> Any:
+        self._handle = fenfa.share(self._big)
+        return self._call(self._handle)
+
+    def cleanup(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            release(handle)
+
+
+def orders(n: int, reps: int) -> Iterator[list[int]]:
+    """Forwards, backwards, then rotated: nobody always runs after the same contender."""
+    for rep in range(reps):
+        order = list(range(n)) if rep % 2 == 0 else list(range(n))[::-1]
+        shift = (rep // 2) % n
+        yield order[shift:] + order[:shift]
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+    return text[:160]
+
+
+def measure(
+    contenders: Sequence[Contender],
+    check: Callable[[Any], bool],
+    reps: int,
+    rss: bool = False,
+) -> list[Result]:
+    """Warm every contender with one run, time ``reps`` interleaved rounds, check outputs.
+
+    With ``rss``, one more untimed run per contender samples the parent's peak RSS.
+    """
+    results = [Result(c) for c in contenders]
+
+    def once(r: Result, timed: bool) -> None:
+        c = r.contender
+        try:
+            gc.collect()
+            start = time.perf_counter()
+            out = c.run()
+            seconds = time.perf_counter() - start
+        except Exception as exc:  # a contender that fails is reported, not fatal
+            r.error = describe(exc)
+            return
+        finally:
+            if c.cleanup is not None:
+                with contextlib.suppress(Exception):
+                    c.cleanup()
+        ok = check(out)
+        del out
+        if not ok:
+            r.error = "WRONG RESULT"
+        elif timed:
+            r.samples.append(seconds)
+            r.checked += 1
+
+    for r in results:
+        once(r, timed=False)
+    for order in orders(len(results), reps):
+        for i in order:
+            if results[i].error is None:
+                once(results[i], timed=True)
+    if rss:
+        for r in results:
+            if r.error is not None:
+                continue
+            c = r.contender
+            gc.collect()
+            try:
+                with PeakRss() as peak:
+                    out = c.run()
+                r.rss_mb = peak.growth_mb
+                del out
+            except Exception as exc:
+                r.error = describe(exc)
+            finally:
+                if c.cleanup is not None:
+                    with contextlib.suppress(Exception):
+                        c.cleanup()
+    gc.collect()
+    return results
+
+
+def ratio_to(results: Sequence[Result], name: str) -> Callable[[Result], float]:
+    ref = next((r for r in results if r.contender.name == name), None)
+    ref_best = ref.best if ref is not None else math.nan
+    return lambda r: r.best / ref_best if ref_best else math.nan
+
+
+def find(results: Sequence[Result], name: str) -> Result:
+    return next(r for r in results if r.contender.name == name)
+
+
+# --- workload: args ---------------------------------------------------------------------
+
+ARGS_PLAIN = "fenfa.map(partial(task, big)) (plain call, automatic sharing)"
+ARGS_REFERENCE = "Pool+initializer: pool start + map"
+ARGS_REF_FORK = "Pool+initializer (fork): pool start + map"
+ARGS_MAP_ONLY = "Pool+initializer, data already in workers: map only"
+
+
+def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
+    from joblib import Parallel, delayed
+    from mpire.pool import WorkerPool
+
+    w, n, tasks = settings.workers, settings.args_elements, settings.args_tasks
+    big = np.random.default_rng(SEED).standard_normal(n)
+    parts = [slice(i * n // tasks, (i + 1) * n // tasks) for i in range(tasks)]
+    expected = [float(big[p].sum()) for p in parts]
+
+    def check(out: Any) -> bool:
+        return len(out) == tasks and bool(np.allclose(out, expected, rtol=1e-9, atol=1e-9))
+
+    peer = PEER_START_METHOD
+    ctx = multiprocessing.get_context(peer)
+    fork = multiprocessing.get_context("fork")
+    shm_before = shm_entries()
+    contenders: list[Contender] = []
+    with contextlib.ExitStack() as stack:
+        mpool = stack.enter_context(ctx.Pool(w))
+        ipool = stack.enter_context(ctx.Pool(w, initializer=set_worker_array, initargs=(big,)))
+        wpool = stack.enter_context(
+            WorkerPool(n_jobs=w, shared_objects=big, start_method=peer, keep_alive=True)
+        )
+
+        def fenfa_plain() -> list[float]:
+            return fenfa.map(functools.partial(slice_sum, big), parts, backend="process", workers=w)
+
+        def fenfa_copy() -> list[float]:
+            with auto_share(NEVER_SHARE):
+                return fenfa_plain()
+
+        def fenfa_with(handle: Any) -> list[float]:
+            fn = functools.partial(slice_sum, handle)
+            return fenfa.map(fn, parts, backend="process", workers=w)
+
+        shared_once: list[Any] = []  # made on first use; a failure is the row's error
+
+        def once_handle() -> Any:
+            if not shared_once:
+                shared_once.append(fenfa.share(big))
+            return shared_once[0]
+
+        inside = ShareInside(big, fenfa_with)
+        init_fresh = Fresh(
+            lambda: ctx.Pool(w, initializer=set_worker_array, initargs=(big,)),
+            lambda pool: pool.map(global_slice_sum, parts),
+        )
+        init_fork = Fresh(
+            lambda: fork.Pool(w, initializer=set_worker_array, initargs=(big,)),
+            lambda pool: pool.map(global_slice_sum, parts),
+        )
+        mpire_fresh = Fresh(
+            lambda: WorkerPool(n_jobs=w, shared_objects=big, start_method=peer),
+            lambda pool: pool.map(mpire_slice_sum, parts),
+        )
+        mpire_fork = Fresh(
+            lambda: WorkerPool(n_jobs=w, shared_objects=big, start_method="fork"),
+            lambda pool: pool.map(mpire_slice_sum, parts),
+        )
+        warm = "warm pool"
+        contenders = [
+            Contender(
+                "serial builtin map",
+                "-",
+                lambda: list(map(functools.partial(slice_sum, big), parts)),
+                "no transfer; the physical limit is about this / cores",
+            ),
+            Contender(
+                "fenfa.map backend='thread'",
+                "-",
+                lambda: fenfa.map(
+                    functools.partial(slice_sum, big), parts, backend="thread", workers=w
+                ),
+                f"{warm}; no copy at all",
+            ),
+            Contender(ARGS_PLAIN, fstart, fenfa_plain, warm),
+            Contender(
+                "fenfa.map plain, automatic sharing off",
+                fstart,
+                fenfa_copy,
+                f"{warm}; AUTO_SHARE_BYTES = 1 << 62: the array is pickled with the function",
+            ),
+            Contender(
+                "fenfa.share(big) inside the timed call",
+                fstart,
+                inside.run,
+                f"{warm}; the copy into shared memory is timed; handle released after",
+                inside.cleanup,
+            ),
+            Contender(
+                "fenfa.share(big) once, partial(task, h) reused",
+                fstart,
+                lambda: fenfa_with(once_handle()),
+                f"{warm}; handle made once, outside the timed calls",
+            ),
+            Contender(
+                "fenfa.share(big) once, h as an argument",
+                fstart,
+                lambda: fenfa.map(
+                    slice_sum, [once_handle()] * tasks, parts, backend="process", workers=w
+                ),
+                f"{warm}; fenfa.map(task, [h] * {tasks}, slices)",
+            ),
+            Contender(
+                "Pool.map(partial(task, big))",
+                peer,
+                lambda: mpool.map(functools.partial(slice_sum, big), parts),
+                f"{warm}; default chunksize; the array is pickled with every chunk",
+            ),
+            Contender(
+                ARGS_REFERENCE,
+                peer,
+                init_fresh.run,
+                "pool started inside the timed region (the array reaches the workers "
+                "through initargs); terminated after",
+                init_fresh.cleanup,
+            ),
+            Contender(
+                ARGS_REF_FORK,
+                "fork",
+                init_fork.run,
+                "as above, fork: workers inherit the array, nothing is pickled",
+                init_fork.cleanup,
+            ),
+            Contender(
+                ARGS_MAP_ONLY,
+                peer,
+                lambda: ipool.map(global_slice_sum, parts),
+                "warm pool started with initargs=(big,) before timing: the data is already there",
+            ),
+            Contender(
+                "mpire shared_objects: pool start + map",
+                peer,
+                mpire_fresh.run,
+                "WorkerPool(shared_objects=big) started inside the timed region (the objects "
+                "are bound at pool start)",
+                mpire_fresh.cleanup,
+            ),
+            Contender(
+                "mpire shared_objects (fork): pool start + map",
+                "fork",
+                mpire_fork.run,
+                "as above, fork (mpire's default): copy-on-write",
+                mpire_fork.cleanup,
+            ),
+            Contender(
+                "mpire shared_objects, keep_alive: map only",
+                peer,
+                lambda: wpool.map(mpire_slice_sum, parts),
+                "warm pool started with the shared objects before timing",
+            ),
+            Contender(
+                f"joblib Parallel(n_jobs={w})",
+                "loky",
+                lambda: Parallel(n_jobs=w)(delayed(slice_sum)(big, p) for p in parts),
+                "warm reusable executor; arrays over 1 MB memmapped (dumped once per call)",
+            ),
+        ]
+        try:
+            results = measure(contenders, check, settings.reps, rss=True)
+        finally:
+            for handle in shared_once:
+                release(handle)
+            del shared_once[:]
+    gc.collect()
+    leftovers = sorted(shm_entries() - shm_before)
+    ratio = ratio_to(results, ARGS_REFERENCE)
+    rows = [
+        [
+            r.contender.name + (" (reference)" if r.contender.name == ARGS_REFERENCE else ""),
+            r.contender.start,
+            fmt_time(r.best),
+            fmt_time(r.median),
+            fmt_ratio(ratio(r)),
+            "-" if r.rss_mb is None else f"{r.rss_mb:+.0f} MB",
+            r.contender.note,
+            r.error or f"ok ({r.checked}/{len(r.samples)})",
+        ]
+        for r in results
+    ]
+    table = markdown_table(
+        [
+            "contender",
+            "start method",
+            "wall (min)",
+            "median",
+            "vs reference",
+            "parent peak RSS growth",
+            "note",
+            "result",
+        ],
+        rows,
+    )
+    plain = find(results, ARGS_PLAIN).best
+    goal_ratio = plain / find(results, ARGS_REFERENCE).best
+    fork_ratio = plain / find(results, ARGS_REF_FORK).best
+    map_ratio = plain / find(results, ARGS_MAP_ONLY).best
+    pitfall = find(results, "Pool.map(partial(task, big))").best / plain
+    copy_cost = find(results, "fenfa.map plain, automatic sharing off").best / plain
+    met = goal_ratio <= GOAL_RATIO
+    goals = [
+        f"- fenfa plain call / Pool+initializer ({PEER_START_METHOD}, pool start + map timed): "
+        f"{fmt_ratio(goal_ratio)} (goal <= {GOAL_RATIO}x): {verdict(met)}",
+        f"- fenfa plain call / Pool+initializer (fork, pool start + map timed; Python 3.11's "
+        f"default start method): {fmt_ratio(fork_ratio)} "
+        f"({verdict(fork_ratio <= GOAL_RATIO)} against {GOAL_RATIO}x)",
+        f"- fenfa plain call / Pool+initializer map only (data already in the workers; fenfa's "
+        f"call includes getting the data there): {fmt_ratio(map_ratio)}",
+        f"- fenfa plain call is {fmt_ratio(pitfall)} faster than Pool.map(partial(task, big)) "
+        f"(the guide's pitfall) and {fmt_ratio(copy_cost)} faster than itself with automatic "
+        "sharing off",
+        f"- new /dev/shm entries left after the workload (joblib's excluded): "
+        f"{', '.join(leftovers) if leftovers else 'none'}",
+    ]
+    text = "\n".join(
+        [
+            f"A {big.nbytes / 1e6:.0f} MB float64 array, {tasks} tasks each summing one slice of "
+            f"{tasks}; {w} workers per pool; min of {settings.reps} interleaved runs (order varied "
+            "per run). fenfa's pools, Pool.map's, the map-only rows' and joblib's are warm (their "
+            "start-up excluded); the 'pool start + map' rows start their pool inside the timed "
+            f"region because that is how new data reaches their workers. Reference: "
+            f"{ARGS_REFERENCE} ({PEER_START_METHOD}, fenfa's start method). Parent peak RSS "
+            "growth: one extra untimed run per contender, sampled every 1 ms (shared-memory pages "
+            "the parent writes count). Physical limit: serial time / cores, plus getting the "
+            "data to the workers once.",
+            "",
+            table,
+            "",
+            "Goals:",
+            *goals,
+        ]
+    )
+    return {
+        "text": text,
+        "goals": [
+            {
+                "goal": f"fenfa plain <= {GOAL_RATIO}x Pool+initializer (pool start + map)",
+                "ratio": goal_ratio,
+                "ratio_vs_fork": fork_ratio,
+                "ratio_vs_map_only": map_ratio,
+                "met": met,
+            }
+        ],
+        "array_bytes": big.nbytes,
+        "tasks": tasks,
+        "shm_leftovers": leftovers,
+        "results": [r.json() for r in results],
+    }
+
+
+# --- workload: results ------------------------------------------------------------------
+
+RESULTS_REFERENCE = "Pool.map"
+
+
+def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
+    from joblib import Parallel, delayed
+    from mpire.pool import WorkerPool
+
+    w, size, tasks = settings.workers, settings.results_elements, settings.results_tasks
+    xs = list(range(tasks))
+    fn = functools.partial(make_block, size=size)
+
+    def check(out: Any) -> bool:
+        return len(out) == tasks and all(
+            isinstance(a, np.ndarray) and a.shape == (size,) and bool((a == i).all())
+            for i, a in enumerate(out)
+        )
+
+    peer = PEER_START_METHOD
+    ctx = multiprocessing.get_context(peer)
+    with contextlib.ExitStack() as stack:
+        mpool = stack.enter_context(ctx.Pool(w))
+        ppe = stack.enter_context(concurrent.futures.ProcessPoolExecutor(w, mp_context=ctx))
+        wpool = stack.enter_context(WorkerPool(n_jobs=w, start_method=peer, keep_alive=True))
+        contenders = [
+            Contender("serial builtin map", "-", lambda: list(map(fn, xs)), "no transfer"),
+            Contender(
+                "fenfa.map backend='thread'",
+                "-",
+                lambda: fenfa.map(fn, xs, backend="thread", workers=w),
+                "warm pool; no copy: the no-copy reference",
+            ),
+            Contender(
+                "fenfa.map backend='process'",
+                fstart,
+                lambda: fenfa.map(fn, xs, backend="process", workers=w),
+                "warm pool",
+            ),
+            Contender(
+                RESULTS_REFERENCE,
+                peer,
+                lambda: mpool.map(fn, xs),
+                "warm pool; default chunksize",
+            ),
+            Contender(
+                "ProcessPoolExecutor.map",
+                peer,
+                lambda: list(ppe.map(fn, xs)),
+                "warm pool; chunksize 1 (its default)",
+            ),
+            Contender(
+                f"joblib Parallel(n_jobs={w})",
+                "loky",
+                lambda: Parallel(n_jobs=w)(delayed(fn)(x) for x in xs),
+                "warm reusable executor; auto batching",
+            ),
+            Contender(
+                "mpire WorkerPool(keep_alive)",
+                peer,
+                lambda: wpool.map(fn, xs),
+                "warm pool",
+            ),
+        ]
+        results = measure(contenders, check, settings.reps)
+    ratio = ratio_to(results, RESULTS_REFERENCE)
+    thread_ratio = ratio_to(results, "fenfa.map backend='thread'")
+    rows = [
+        [
+            r.contender.name + (" (reference)" if r.contender.name == RESULTS_REFERENCE else ""),
+            r.contender.start,
+            fmt_time(r.best),
+            fmt_time(r.median),
+            fmt_ratio(ratio(r)),
+            fmt_ratio(thread_ratio(r)),
+            r.contender.note,
+            r.error or f"ok ({r.checked}/{len(r.samples)})",
+        ]
+        for r in results
+    ]
+    table = markdown_table(
+        [
+            "contender",
+            "start method",
+            "wall (min)",
+            "median",
+            "vs Pool.map",
+            "vs fenfa thread",
+            "note",
+            "result",
+        ],
+        rows,
+    )
+    fp = find(results, "fenfa.map backend='process'")
+    others = [
+        r
+        for r in results
+        if r.contender.start not in ("-",) and r is not fp and r.error is None and r.samples
+    ]
+    best_peer = min(others, key=lambda r: r.best) if others else None
+    goals = [
+        f"- fenfa process / Pool.map: {fmt_ratio(ratio(fp))}; / the fastest process peer "
+        + (
+            f"({best_peer.contender.name}): {fmt_ratio(fp.best / best_peer.best)}"
+            if best_peer
+            else ": -"
+        ),
+        f"- fenfa process / fenfa thread (what moving {tasks} x "
+        f"{size * 8 / 1e6:.0f} MB between processes costs): {fmt_ratio(thread_ratio(fp))}",
+    ]
+    text = "\n".join(
+        [
+            f"{tasks} tasks each returning a {size * 8 / 1e6:.0f} MB float64 array "
+            f"(np.full({size:,}, i)); {w} workers; warm pools; min of {settings.reps} interleaved "
+            "runs; every output's values checked. Reference: Pool.map (default chunksize). "
+            "Physical limit: making the arrays (serial / cores) plus one copy of each result "
+            "into the parent; the thread backend makes no copy at all.",
+            "",
+            table,
+            "",
+            *goals,
+        ]
+    )
+    return {
+        "text": text,
+        "array_bytes": size * 8,
+        "tasks": tasks,
+        "results": [r.json() for r in results],
+    }
+
+
+# --- workload: threshold ----------------------------------------------------------------
+
+
+def workload_threshold(settings: Settings, fstart: str) -> dict[str, Any]:
+    w, tasks = settings.workers, settings.threshold_tasks
+    xs = list(range(tasks))
+    shm_before = shm_entries()
+    per_size: list[dict[str, Any]] = []
+    for size in settings.threshold_sizes:
+        arr = np.random.default_rng(SEED).standard_normal(size // 8)
+        want = float(arr[0])
+
+        def check(out: Any, want: float = want) -> bool:
+            return len(out) == tasks and all(x == want for x in out)
+
+        def call(threshold: int, arr: Any = arr) -> list[float]:
+            with auto_share(threshold):
+                fn = functools.partial(first_element, arr)
+                return fenfa.map(fn, xs, backend="process", workers=w)
+
+        contenders = [
+            Contender("always share", fstart, functools.partial(call, 0)),
+            Contender("never share", fstart, functools.partial(call, NEVER_SHARE)),
+        ]
+        always, never = measure(contenders, check, settings.reps)
+        per_size.append(
+            {
+                "bytes": size,
+                "share": always,
+                "copy": never,
+                "ratio": always.best / never.best if always.samples and never.samples else math.nan,
+            }
+        )
+        del arr
+    leftovers = sorted(shm_entries() - shm_before)
+    rows = []
+    for entry in per_size:
+        share, copy, ratio = entry["share"], entry["copy"], entry["ratio"]
+        errors = "; ".join(e for e in (share.error, copy.error) if e)
+        winner = "-" if math.isnan(ratio) else ("share" if ratio < 1 else "copy")
+        rows.append(
+            [
+                fmt_bytes(entry["bytes"]),
+                fmt_time(share.best),
+                fmt_time(share.median),
+                fmt_time(copy.best),
+                fmt_time(copy.median),
+                fmt_ratio(ratio),
+                winner,
+                errors or "ok",
+            ]
+        )
+    table = markdown_table(
+        [
+            "array size",
+            "always share (min)",
+            "median",
+            "never share (min)",
+            "median",
+            "share / never",
+            "faster",
+            "result",
+        ],
+        rows,
+    )
+    # The smallest size from which sharing wins at this size and every larger one.
+    crossover: int | None = None
+    for entry in reversed(per_size):
+        if math.isnan(entry["ratio"]) or entry["ratio"] >= 1:
+            break
+        crossover = entry["bytes"]
+    first_win = next((e["bytes"] for e in per_size if e["ratio"] < 1), None)
+    lines = [
+        f"- smallest size from which sharing wins at every larger size: "
+        f"{fmt_bytes(crossover) if crossover else 'none measured'}"
+        f" (first size where it wins at all: {fmt_bytes(first_win) if first_win else 'none'}); "
+        f"fenfa.sharing.AUTO_SHARE_BYTES is {auto_share_default()}",
+        f"- new /dev/shm entries left after the workload: "
+        f"{', '.join(leftovers) if leftovers else 'none'}",
+    ]
+    text = "\n".join(
+        [
+            f"{tasks} tasks on fenfa's warm process pool ({w} workers), each getting the same "
+            "array bound with functools.partial and returning its first element; "
+            "fenfa.sharing.AUTO_SHARE_BYTES forced to 0 (every array shared, a new segment per "
+            "call) and to 1 << 62 (the array is pickled); min of "
+            f"{settings.reps} interleaved runs per size. Ratio < 1: sharing is faster.",
+            "",
+            table,
+            "",
+            *lines,
+        ]
+    )
+    return {
+        "text": text,
+        "crossover_bytes": crossover,
+        "first_win_bytes": first_win,
+        "shm_leftovers": leftovers,
+        "sizes": [
+            {
+                "bytes": e["bytes"],
+                "ratio": e["ratio"],
+                "share": e["share"].json(),
+                "copy": e["copy"].json(),
+            }
+            for e in per_size
+        ],
+    }
+
+
+# --- workload: native -------------------------------------------------------------------
+
+
+def worker_threads(pool: Any, w: int) -> list[dict[str, Any]]:
+    """One report per distinct worker pid seen over a few tasks."""
+    seen: dict[int, dict[str, Any]] = {}
+    for report in pool.map(thread_report, range(8 * w), chunksize=1):
+        seen.setdefault(report["pid"], report)
+    return list(seen.values())
+
+
+def threads_cell(reports: Sequence[dict[str, Any]]) -> str:
+    if not reports:
+        return "-"
+    parts = []
+    for r in reports:
+        pools = "threadpoolctl not installed" if r["pools"] is None else ", ".join(r["pools"])
+        env = ", ".join(f"{k}={v}" for k, v in r["env"].items()) or "no thread env"
+        parts.append(f"{r['os_threads']} OS threads; {pools}; {env}")
+    return " / ".join(parts)
+
+
+def workload_native(settings: Settings, fstart: str) -> dict[str, Any]:
+    w, size, steps = settings.workers, settings.native_size, settings.native_steps
+    xs = list(range(settings.native_tasks))
+    fn = functools.partial(matmul_chain, size=size, steps=steps)
+    expected = list(map(fn, xs))
+
+    def check(out: Any) -> bool:
+        return len(out) == len(xs) and bool(np.allclose(out, expected, rtol=1e-7))
+
+    variants: list[tuple[str, Any]] = [("auto", "auto"), ("False", False)]
+    threads: dict[str, list[dict[str, Any]]] = {}
+    errors: dict[str, str] = {}
+    contenders = [
+        Contender(
+            "serial in this process",
+            "-",
+            lambda: list(map(fn, xs)),
+            f"this process's BLAS threads ({blas_info()})",
+        )
+    ]
+    with contextlib.ExitStack() as stack:
+        for label, value in variants:
+            try:
+                pool = stack.enter_context(
+                    fenfa.Pool(backend="process", workers=w, native_threads=value)
+                )
+                pool.map(fn, xs[: 2 * w])  # start the workers, load BLAS
+                threads[label] = worker_threads(pool, w)
+            except Exception as exc:
+                errors[label] = describe(exc)
+                continue
+            contenders.append(
+                Contender(
+                    f"fenfa.Pool(process, native_threads={label})",
+                    fstart,
+                    functools.partial(pool.map, fn, xs),
+                    "capped" if label == "auto" else "uncapped",
+                )
+            )
+        results = measure(contenders, check, settings.reps)
+    ref_name = "fenfa.Pool(process, native_threads=False)"
+    ratio = ratio_to(results, ref_name)
+    serial = find(results, "serial in this process").best
+    rows = []
+    for r in results:
+        label = r.contender.name.partition("native_threads=")[2].rstrip(")")
+        rows.append(
+            [
+                r.contender.name + (" (reference)" if r.contender.name == ref_name else ""),
+                fmt_time(r.best),
+                fmt_time(r.median),
+                fmt_ratio(ratio(r)),
+                f"{serial / r.best:.2f}" if r.samples else "-",
+                threads_cell(threads.get(label, [])) if label else r.contender.note,
+                r.error or f"ok ({r.checked}/{len(r.samples)})",
+            ]
+        )
+    for label, error in errors.items():
+        rows.append(
+            [f"fenfa.Pool(process, native_threads={label})", "-", "-", "-", "-", "-", error]
+        )
+    table = markdown_table(
+        [
+            "contender",
+            "wall (min)",
+            "median",
+            "vs uncapped",
+            "speedup over serial",
+            "each worker: threads, native pools, env",
+            "result",
+        ],
+        rows,
+    )
+    text = "\n".join(
+        [
+            f"{len(xs)} tasks, each {steps} float64 {size}x{size} matrix multiplies (matrices "
+            f"made from a seeded generator), on two warm fenfa.Pool(backend='process', "
+            f"workers={w}) pools that differ only in native_threads; min of {settings.reps} "
+            "interleaved runs (order varied per run: BLAS threads spin on after a call). The "
+            f"worker columns come from tasks run after a warm-up. Physical limit: {CORES} cores "
+            f"in all; uncapped, {w} workers x their BLAS threads compete for them.",
+            "",
+            table,
+        ]
+    )
+    return {
+        "text": text,
+        "worker_threads": threads,
+        "errors": errors,
+        "results": [r.json() for r in results],
+    }
+
+
+# --- main -------------------------------------------------------------------------------
+
+WORKLOAD_FUNCS: dict[str, Callable[[Settings, str], dict[str, Any]]] = {
+    "args": workload_args,
+    "results": workload_results,
+    "threshold": workload_threshold,
+    "native": workload_native,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--scale", type=int, default=1, help="multiply the task counts by K")
+    parser.add_argument("--reps", type=int, help="timed repetitions (default 5, --quick 3)")
+    parser.add_argument(
+        "--workers", type=int, help=f"workers per pool (default: usable cores, {CORES})"
+    )
+    parser.add_argument(
+        "--only", action="append", choices=WORKLOADS, help="run only this workload (repeatable)"
+    )
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.scale < 1:
+        parser.error("--scale must be >= 1")
+    if args.reps is not None and args.reps < 3:
+        parser.error("--reps must be >= 3 (BENCHMARKING.md: min of 3+)")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = Settings.make(args.quick, args.scale, args.reps, args.workers)
+    command = shlex.join(["python", "benchmarks/bench_share.py", *sys.argv[1:]])
+    machine = machine_info(settings)
+    smoke = " (--quick: a smoke run, not for RESULTS.md)" if args.quick else ""
+    print(f"# fenfa sharing benchmarks{smoke}\n")
+    print(f"Command: `{command}`\n\n{machine_line(machine)}\n", flush=True)
+    report: dict[str, Any] = {
+        "command": command,
+        "machine": machine,
+        "settings": settings.__dict__,
+        "workloads": {},
+    }
+    for name in args.only or WORKLOADS:
+        rerun = shlex.join(
+            [
+                "python",
+                "benchmarks/bench_share.py",
+                "--only",
+                name,
+                *(["--quick"] if args.quick else []),
+                *(["--scale", str(args.scale)] if args.scale != 1 else []),
+            ]
+        )
+        start = time.perf_counter()
+        load_before = loadavg()
+        result = WORKLOAD_FUNCS[name](settings, machine["fenfa_start_method"])
+        result["wall_s"] = time.perf_counter() - start
+        result["loadavg_before"], result["loadavg_after"] = load_before, loadavg()
+        report["workloads"][name] = result
+        print(f"## {name}\n\nCommand: `{command}` (this workload alone: `{rerun}`)\n")
+        print(result["text"])
+        print(
+            f"\n({name}: {result['wall_s']:.0f} s; load average before {load_before}, "
+            f"after {result['loadavg_after']})\n",
+            flush=True,
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"JSON written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
