@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import ctypes
 import functools
 import gc
 import json
@@ -84,7 +85,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +165,19 @@ def thread_report(_: Any) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "os_threads": len(os.listdir("/proc/self/task")),
+        "thread_names": sorted(thread_names()),
         "pools": pools,
         "env": {k: os.environ[k] for k in env_names if k in os.environ},
     }
+
+
+def thread_names() -> list[str]:
+    """The kernel's name of each thread of this process."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return names
 
 
 def whoami(_: Any) -> tuple[int, str]:
@@ -229,7 +240,9 @@ def fmt_time(seconds: float) -> str:
 def fmt_ratio(ratio: float) -> str:
     if math.isnan(ratio):
         return "-"
-    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def fmt_bytes(n: float) -> str:
@@ -289,11 +302,24 @@ def release(handle: Any) -> None:
 
 
 def shm_entries() -> set[str]:
-    """Names in /dev/shm, without joblib's memmapping folders (its executor owns them)."""
+    """Names in /dev/shm, without joblib's memmapping folders and loky's semaphores (its
+    reusable executor owns them until this process exits)."""
     try:
-        return {n for n in os.listdir("/dev/shm") if not n.startswith("joblib_memmapping")}
+        names = os.listdir("/dev/shm")
     except OSError:
         return set()
+    return {n for n in names if not n.startswith(("joblib_memmapping", "sem.loky-"))}
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc), so that RSS shows new growth.
+
+    Without it a large buffer freed earlier stays in RSS (glibc raises its mmap
+    threshold after freeing a big block and keeps later ones in the heap), and the
+    next contender's pickles reuse those pages without growing RSS at all.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakRss:
@@ -315,6 +341,8 @@ class PeakRss:
             self.peak = max(self.peak, self._proc.memory_info().rss)
 
     def __enter__(self) -> PeakRss:
+        gc.collect()
+        trim_heap()
         self.base = self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -867,8 +895,8 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
             Contender(
                 "mpire WorkerPool(keep_alive)",
                 peer,
-                lambda: wpool.map(fn, xs),
-                "warm pool",
+                lambda: wpool.map(fn, xs, concatenate_numpy_output=False),
+                "warm pool; concatenate_numpy_output=False (its default glues the arrays)",
             ),
         ]
         results = measure(contenders, check, settings.reps)
@@ -1059,6 +1087,13 @@ def worker_threads(pool: Any, w: int) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def have_threadpoolctl() -> str:
+    try:
+        return f"yes, {version('threadpoolctl')}"
+    except PackageNotFoundError:
+        return "no"
+
+
 def threads_cell(reports: Sequence[dict[str, Any]]) -> str:
     if not reports:
         return "-"
@@ -1066,7 +1101,10 @@ def threads_cell(reports: Sequence[dict[str, Any]]) -> str:
     for r in reports:
         pools = "threadpoolctl not installed" if r["pools"] is None else ", ".join(r["pools"])
         env = ", ".join(f"{k}={v}" for k, v in r["env"].items()) or "no thread env"
-        parts.append(f"{r['os_threads']} OS threads; {pools}; {env}")
+        names = ", ".join(
+            f"{n} x{r['thread_names'].count(n)}" for n in sorted(set(r["thread_names"]))
+        )
+        parts.append(f"{r['os_threads']} OS threads ({names}); {pools}; {env}")
     return " / ".join(parts)
 
 
@@ -1153,6 +1191,13 @@ def workload_native(settings: Settings, fstart: str) -> dict[str, Any]:
             f"in all; uncapped, {w} workers x their BLAS threads compete for them.",
             "",
             table,
+            "",
+            "The worker column is read inside the workers: their OS thread count (OpenBLAS's "
+            "threads included), the BLAS/OpenMP pools threadpoolctl reports (installed here: "
+            f"{have_threadpoolctl()}) and the thread variables set when the worker started. This "
+            "script imports NumPy at module level, and forkserver or spawn workers import the "
+            "main module before fenfa's worker code runs: OpenBLAS has started its threads "
+            "before the variables are set, so here the cap takes effect through threadpoolctl.",
         ]
     )
     return {

@@ -7,8 +7,10 @@ fails, even when everything it asserted was right.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import psutil
 import pytest
 
 import fenfa.api
+from fenfa import sharing
 from helpers import WATCHDOG_SECONDS
 
 #: Every backend the contract suite runs on. The serial backend is the oracle:
@@ -56,9 +59,20 @@ def _describe(proc: psutil.Process) -> str:
         return f"pid {proc.pid} (gone)"
 
 
+def _segments() -> list[str]:
+    """Shared-memory segments this test process made and has not removed."""
+    prefix = f"{sharing.PREFIX}{os.getpid()}-"
+    return [
+        os.path.join(directory, name)
+        for directory in sharing._directories()
+        for name in os.listdir(directory)
+        if name.startswith(prefix)
+    ]
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail a test that leaves new threads or child processes behind.
+    """Fail a test that leaves new threads, child processes or shared segments behind.
 
     Module-level calls (``fenfa.map`` ...) keep a default pool alive on
     purpose, so those are shut down first; whatever is left after that is a leak.
@@ -68,6 +82,12 @@ def no_leaks() -> Iterator[None]:
     children_before = {p.pid for p in me.children(recursive=True)}
     yield
     fenfa.api._shutdown_default_pools()
+    gc.collect()  # handles the test dropped (in reference cycles) release their segments
+    segments = _segments()
+    if segments:
+        for path in segments:
+            os.unlink(path)
+        pytest.fail(f"test left shared segments behind: {segments}", pytrace=False)
     deadline = time.monotonic() + LEAK_DEADLINE
     while True:
         threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]

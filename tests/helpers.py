@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 #: How long a "hung" task may wait before a watchdog releases it: a pool that
@@ -43,3 +49,57 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) ->
         if time.monotonic() > deadline:
             pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
         time.sleep(0.002)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its parent counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Live processes of session ``sid``: a script started in a new session and its children."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def script(tmp_path: Path, source: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``source`` as a script in its own session; kill what is left of it at the end."""
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(source))
+    with (tmp_path / "stdout").open("wb") as out, (tmp_path / "stderr").open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(path), *args],
+            stdout=out,
+            stderr=err,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        for leftover in session_processes(proc.pid):  # only what this script started
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+
+
+def script_output(tmp_path: Path) -> str:
+    out = (tmp_path / "stdout").read_text(errors="replace")
+    err = (tmp_path / "stderr").read_text(errors="replace")
+    return f"stdout:\n{out}\nstderr:\n{err}"
+
+
+def worker_pids(directory: Path) -> list[int]:
+    return [int(p.name.removeprefix("pid-")) for p in directory.glob("pid-*")]

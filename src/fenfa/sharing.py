@@ -378,6 +378,8 @@ class Shared:
         return f"<fenfa.Shared {what}, {_size_text(self.nbytes)}, {mode}, {state}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self._segment.released:
+            raise FenfaError(f"this shared object was already closed: {self!r}")
         if self._spec is None:
             self._spec = self._make_spec()
         return self._spec
