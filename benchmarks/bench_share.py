@@ -39,7 +39,7 @@ Workloads (``--only`` picks one, repeatable; ``--scale K`` multiplies task count
     only on a pool whose workers already hold the data), mpire
     ``WorkerPool(shared_objects=big)`` and joblib ``Parallel`` (loky, automatic
     memmapping of arrays over 1 MB). Also the parent's peak RSS growth per
-    contender, sampled every millisecond in one extra untimed run. Goal (issue 6):
+    contender and of /dev/shm use, sampled every millisecond in one extra untimed run. Goal (issue 6):
     fenfa with the plain call <= 1.2x Pool+initializer.
 ``results``
     40 tasks each returning a 20 MB float64 array (``np.full(2_621_440, i)``): fenfa
@@ -322,11 +322,22 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class PeakRss:
-    """Peak RSS growth of this process while the block runs, sampled every millisecond.
+def shm_used() -> int:
+    """Bytes in use on /dev/shm (every process's; 0 without /dev/shm)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
-    The samples come from a thread: use it in an untimed run, not a timed one. Pages
-    of shared memory this process writes (a ``fenfa.share`` copy) count in RSS too.
+
+class PeakMemory:
+    """Peak growth of this process's RSS, and of /dev/shm, while the block runs.
+
+    Sampled every millisecond from a thread: use it in an untimed run, not a timed
+    one. A shared-memory segment written with ``pwrite`` (as fenfa writes its
+    segments) or a joblib memmap dump is in /dev/shm, not in the writer's RSS; the
+    pages of one written through a mapping count in both.
     """
 
     def __init__(self) -> None:
@@ -334,28 +345,37 @@ class PeakRss:
 
         self._proc = psutil.Process()
         self._stop = threading.Event()
-        self.base = self.peak = 0
+        self.rss_base = self.rss_peak = self.shm_base = self.shm_peak = 0
+
+    def _take(self) -> None:
+        self.rss_peak = max(self.rss_peak, self._proc.memory_info().rss)
+        self.shm_peak = max(self.shm_peak, shm_used())
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._take()
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         trim_heap()
-        self.base = self.peak = self._proc.memory_info().rss
+        self.rss_base = self.rss_peak = self._proc.memory_info().rss
+        self.shm_base = self.shm_peak = shm_used()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self._take()
         self._stop.set()
         self._thread.join()
 
     @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.base) / 1e6
+    def rss_mb(self) -> float:
+        return (self.rss_peak - self.rss_base) / 1e6
+
+    @property
+    def shm_mb(self) -> float:
+        return (self.shm_peak - self.shm_base) / 1e6
 
 
 def fenfa_start_method(workers: int) -> str:
@@ -430,7 +450,8 @@ class Contender:
 class Result:
     contender: Contender
     samples: list[float] = field(default_factory=list)
-    rss_mb: float | None = None
+    rss_mb: float | None = None  # parent peak RSS growth, untimed run
+    shm_mb: float | None = None  # /dev/shm peak growth, same run
     checked: int = 0  # timed outputs compared with the serial answer
     error: str | None = None
 
@@ -452,6 +473,7 @@ class Result:
             "median_s": self.median if self.samples else None,
             "samples_s": self.samples,
             "parent_rss_growth_mb": self.rss_mb,
+            "dev_shm_growth_mb": self.shm_mb,
             "outputs_checked": self.checked,
             "error": self.error,
         }
@@ -514,7 +536,8 @@ def measure(
 ) -> list[Result]:
     """Warm every contender with one run, time ``reps`` interleaved rounds, check outputs.
 
-    With ``rss``, one more untimed run per contender samples the parent's peak RSS.
+    With ``rss``, one more untimed run per contender samples the parent's peak RSS and
+    the peak use of /dev/shm.
     """
     results = [Result(c) for c in contenders]
 
@@ -553,9 +576,9 @@ def measure(
             c = r.contender
             gc.collect()
             try:
-                with PeakRss() as peak:
+                with PeakMemory() as peak:
                     out = c.run()
-                r.rss_mb = peak.growth_mb
+                r.rss_mb, r.shm_mb = peak.rss_mb, peak.shm_mb
                 del out
             except Exception as exc:
                 r.error = describe(exc)
@@ -760,6 +783,7 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
             fmt_time(r.median),
             fmt_ratio(ratio(r)),
             "-" if r.rss_mb is None else f"{r.rss_mb:+.0f} MB",
+            "-" if r.shm_mb is None else f"{r.shm_mb:+.0f} MB",
             r.contender.note,
             r.error or f"ok ({r.checked}/{len(r.samples)})",
         ]
@@ -773,6 +797,7 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
             "median",
             "vs reference",
             "parent peak RSS growth",
+            "/dev/shm peak growth",
             "note",
             "result",
         ],
@@ -806,9 +831,11 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
             "per run). fenfa's pools, Pool.map's, the map-only rows' and joblib's are warm (their "
             "start-up excluded); the 'pool start + map' rows start their pool inside the timed "
             f"region because that is how new data reaches their workers. Reference: "
-            f"{ARGS_REFERENCE} ({PEER_START_METHOD}, fenfa's start method). Parent peak RSS "
-            "growth: one extra untimed run per contender, sampled every 1 ms (shared-memory pages "
-            "the parent writes count). Physical limit: serial time / cores, plus getting the "
+            f"{ARGS_REFERENCE} ({PEER_START_METHOD}, fenfa's start method). Memory: one extra "
+            "untimed run per contender, sampled every 1 ms: the parent's peak RSS growth (after "
+            "handing free heap pages back with malloc_trim) and the peak growth of /dev/shm "
+            "use (fenfa's segments and joblib's memmap dumps live there, outside any RSS). "
+            "Physical limit: serial time / cores, plus getting the "
             "data to the workers once.",
             "",
             table,
