@@ -38,9 +38,9 @@ Workloads (``--only`` picks one, repeatable; ``--scale K`` multiplies task count
     ``Pool(initializer=set_global, initargs=(big,))`` (pool start + map, and map
     only on a pool whose workers already hold the data), mpire
     ``WorkerPool(shared_objects=big)`` and joblib ``Parallel`` (loky, automatic
-    memmapping of arrays over 1 MB). Also the parent's peak RSS growth per
-    contender and of /dev/shm use, sampled every millisecond in one extra untimed run. Goal (issue 6):
-    fenfa with the plain call <= 1.2x Pool+initializer.
+    memmapping of arrays over 1 MB). Also the peak growth of the parent's RSS and
+    of /dev/shm use per contender, sampled every millisecond in one extra untimed
+    run. Goal (issue 6): fenfa with the plain call <= 1.2x Pool+initializer.
 ``results``
     40 tasks each returning a 20 MB float64 array (``np.full(2_621_440, i)``): fenfa
     process (pickle protocol 5 out-of-band buffers) against ``Pool.map``,

@@ -33,6 +33,10 @@ BACKENDS = ["serial", "thread", "process"]
 #: forkserver has not reaped yet takes milliseconds.
 LEAK_DEADLINE = 5.0
 
+#: Threads a library starts once and keeps for the life of the process, by
+#: design: tqdm's monitor (started with the first progress bar).
+LONG_LIVED_THREADS = {"tqdm_monitor"}
+
 
 def _helper_pids() -> set[int]:
     """multiprocessing's own long-lived helpers: started once, live until exit.
@@ -90,7 +94,11 @@ def no_leaks() -> Iterator[None]:
         pytest.fail(f"test left shared segments behind: {segments}", pytrace=False)
     deadline = time.monotonic() + LEAK_DEADLINE
     while True:
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        threads = [
+            t
+            for t in threading.enumerate()
+            if t not in threads_before and t.is_alive() and t.name not in LONG_LIVED_THREADS
+        ]
         helpers = _helper_pids()
         children = [
             p

@@ -35,6 +35,7 @@ from collections.abc import (
     Callable,
     Iterable,
     Iterator,
+    Sized,
 )
 from typing import Any, TypeVar
 
@@ -43,6 +44,7 @@ from .backends import check_name, default_workers, usable_cores
 from .backends.asyncio import run_coroutine
 from .errors import FenfaError
 from .options import CallOptions, check_callable, positive
+from .progress import Progress
 from .tasks import attach_traceback, is_coroutine_function
 from .window import annotate
 
@@ -134,6 +136,8 @@ class _Run:
             )
         self._aiter: AsyncIterator[Any] | None = None
         self._iter: Iterator[Any] | None = None
+        self._total = len(iterable) if isinstance(iterable, Sized) else None
+        self._progress: Progress | None = None
         if isinstance(iterable, AsyncIterable):
             self._aiter = aiter(iterable)
         else:
@@ -182,6 +186,8 @@ class _Run:
                 attempt += 1
                 continue
             annotate(error, index, item, attempt)
+            if self._progress is not None:
+                self._progress.failure()
             if self.options.on_error == "return":
                 return error
             if self.options.on_error == "skip":
@@ -215,6 +221,8 @@ class _Run:
         next_index = 0
         cursor = 0  # ordered: the next index to hand over
         exhausted = failed = False
+        if self.options.progress:
+            self._progress = Progress(self.options.progress, self._total, self.fn)
         try:
             while True:
                 while not exhausted and not failed and len(tasks) < window:
@@ -247,6 +255,8 @@ class _Run:
                     ready.sort()
                 for index in ready:
                     value = tasks.pop(index).result()
+                    if self._progress is not None:
+                        self._progress.advance(1)
                     if value is not _SKIP:
                         yield value
                 if not tasks and (exhausted or failed):
@@ -257,3 +267,5 @@ class _Run:
         finally:
             for task in tasks.values():
                 task.cancel()
+            if self._progress is not None:
+                self._progress.close()

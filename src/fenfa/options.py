@@ -10,9 +10,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import short_repr
+from .progress import check_progress
 
 ON_ERROR = ("raise", "return", "skip")
-CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error")
+CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error", "progress")
 POOL_ONLY_OPTIONS = (
     "initializer",
     "initargs",
@@ -39,8 +40,10 @@ class CallOptions:
     timeout: float | None = None
     retries: int = 0
     on_error: str = "raise"
+    progress: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
+        check_progress(self.progress)
         positive("chunksize", self.chunksize)
         positive("window", self.window)
         if self.timeout is not None and (

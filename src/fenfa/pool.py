@@ -120,6 +120,7 @@ class Pool:
         timeout: float | None = None,
         retries: int = 0,
         on_error: str = "raise",
+        progress: bool | dict[str, Any] = False,
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         start_method: str | None = None,
@@ -135,7 +136,7 @@ class Pool:
             )
         if initializer is not None:
             check_callable(initializer)
-        self._options = CallOptions(chunksize, window, timeout, retries, on_error)
+        self._options = CallOptions(chunksize, window, timeout, retries, on_error, progress)
         self._backend_options: dict[str, Any] = {
             "initializer": initializer,
             "initargs": tuple(initargs),

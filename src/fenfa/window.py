@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .auto import Decision, probe, unmeasured
 from .errors import short_repr
 from .options import CallOptions
+from .progress import Progress
 from .tasks import Batch, ChunkSizer, Job, Ok, Piece, Style, is_coroutine_function
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class Run:
         self._ready: dict[int, tuple[int, list[Any] | BaseException]] = {}
         self._cursor = 0
         self._out: deque[tuple[int, list[Any] | BaseException]] = deque()
+        self._progress: Progress | None = None
 
     def _deliver(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         self._results.put((batch, pieces, busy))
@@ -217,6 +219,8 @@ class Run:
                 self._target._submit_batch(retry, urgent=True, internal=True)
                 continue
             self._unfinished -= 1
+            if self._progress is not None:
+                self._progress.failure()
             error = annotate(piece.error, index, item, batch.attempt)
             if options.on_error == "return":
                 self._put(index, 1, [error])
@@ -250,6 +254,8 @@ class Run:
         A piece counts against the window until the consumer asks for the
         next one, that is, until it has taken every value of this one.
         """
+        if self._options.progress:
+            self._progress = Progress(self._options.progress, self._total, self._job.fn)
         try:
             while True:
                 self.fill()
@@ -258,6 +264,8 @@ class Run:
                     count, values = entry
                     if isinstance(values, BaseException):
                         raise values
+                    if self._progress is not None:
+                        self._progress.advance(count)
                     yield values
                     self._in_window -= count
                     continue
@@ -274,6 +282,8 @@ class Run:
             raise
         finally:
             self.cancel()
+            if self._progress is not None:
+                self._progress.close()
 
     def results(self) -> Iterator[Any]:
         """One value at a time; a generator, so ``close()`` cancels the call."""
