@@ -79,6 +79,7 @@ import os
 import platform
 import shlex
 import shutil
+import socket
 import statistics
 import sys
 import threading
@@ -98,6 +99,7 @@ WORKLOADS = ("args", "results", "threshold", "native")
 PEER_START_METHOD = "forkserver"  # fenfa's default on Linux; the peers get the same
 NEVER_SHARE = 1 << 62  # AUTO_SHARE_BYTES that no array reaches
 GOAL_RATIO = 1.2  # issue 6: fenfa plain call <= 1.2x Pool+initializer
+TIE = 1.05  # threshold workload: ratios this close to 1 are run-to-run noise here
 SEED = 20240601
 KIB = 1024
 MIB = 1024 * KIB
@@ -131,6 +133,14 @@ def mpire_slice_sum(shared: Any, part: slice) -> float:
 def make_block(i: int, size: int) -> Any:
     """The ``results`` task: a ``size``-element float64 array full of ``i``."""
     return np.full(size, i, dtype=np.float64)
+
+
+def socket_writer(sock: socket.socket, size: int, tasks: int, first: int, step: int) -> None:
+    """The ``results`` raw reference: send ``make_block(i)``'s bytes on ``sock`` for every
+    ``step``-th ``i`` from ``first``."""
+    with sock:
+        for i in range(first, tasks, step):
+            sock.sendall(memoryview(make_block(i, size)).cast("B"))
 
 
 def first_element(arr: Any, _: int) -> float:
@@ -864,7 +874,42 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
 
 # --- workload: results ------------------------------------------------------------------
 
+
+def raw_socket(size: int, tasks: int, workers: int) -> list[Any]:
+    """What the bytes cost through sockets: ``workers`` forked children (not a pool) make
+    the arrays and send their raw bytes (no pickling) each on its own Unix socket pair,
+    as fenfa's workers do; this process reads result i from child i % workers into a
+    new buffer."""
+    ctx = multiprocessing.get_context("fork")
+    socks, children = [], []
+    for k in range(workers):
+        mine, theirs = socket.socketpair()
+        child = ctx.Process(target=socket_writer, args=(theirs, size, tasks, k, workers))
+        child.start()
+        theirs.close()
+        socks.append(mine)
+        children.append(child)
+    out = []
+    try:
+        for i in range(tasks):
+            buf = bytearray(size * 8)
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = socks[i % workers].recv_into(view[got:])
+                if n == 0:
+                    raise EOFError("a socket writer stopped early")
+                got += n
+            out.append(np.frombuffer(buf, dtype=np.float64))
+    finally:
+        for sock in socks:
+            sock.close()
+        for child in children:
+            child.join()
+    return out
+
+
 RESULTS_REFERENCE = "Pool.map"
+RAW_SOCKET = "raw socketpair per forked child"
 
 
 def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
@@ -894,6 +939,13 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
                 "-",
                 lambda: fenfa.map(fn, xs, backend="thread", workers=w),
                 "warm pool; no copy: the no-copy reference",
+            ),
+            Contender(
+                RAW_SOCKET,
+                "fork",
+                functools.partial(raw_socket, size, tasks, w),
+                f"not a pool: {w} forked children make the arrays and send their bytes on a "
+                "Unix socket each, this process reads them (no pickling; child start included)",
             ),
             Contender(
                 "fenfa.map backend='process'",
@@ -956,10 +1008,11 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
         rows,
     )
     fp = find(results, "fenfa.map backend='process'")
+    raw = find(results, RAW_SOCKET)
     others = [
         r
         for r in results
-        if r.contender.start not in ("-",) and r is not fp and r.error is None and r.samples
+        if r.contender.start != "-" and r not in (fp, raw) and r.error is None and r.samples
     ]
     best_peer = min(others, key=lambda r: r.best) if others else None
     goals = [
@@ -970,7 +1023,8 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
             else ": -"
         ),
         f"- fenfa process / fenfa thread (what moving {tasks} x "
-        f"{size * 8 / 1e6:.0f} MB between processes costs): {fmt_ratio(thread_ratio(fp))}",
+        f"{size * 8 / 1e6:.0f} MB between processes costs): {fmt_ratio(thread_ratio(fp))}; "
+        f"/ the raw sockets: {fmt_ratio(fp.best / raw.best)}",
     ]
     text = "\n".join(
         [
@@ -978,7 +1032,8 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
             f"(np.full({size:,}, i)); {w} workers; warm pools; min of {settings.reps} interleaved "
             "runs; every output's values checked. Reference: Pool.map (default chunksize). "
             "Physical limit: making the arrays (serial / cores) plus one copy of each result "
-            "into the parent; the thread backend makes no copy at all.",
+            "into the parent (the raw socketpair row: no pool, no pickling); the thread "
+            "backend makes no copy at all.",
             "",
             table,
             "",
@@ -1032,7 +1087,9 @@ def workload_threshold(settings: Settings, fstart: str) -> dict[str, Any]:
     for entry in per_size:
         share, copy, ratio = entry["share"], entry["copy"], entry["ratio"]
         errors = "; ".join(e for e in (share.error, copy.error) if e)
-        winner = "-" if math.isnan(ratio) else ("share" if ratio < 1 else "copy")
+        winner = "-" if math.isnan(ratio) else "share" if ratio < 1 / TIE else "copy"
+        if not math.isnan(ratio) and 1 / TIE <= ratio <= TIE:
+            winner = "tie"
         rows.append(
             [
                 fmt_bytes(entry["bytes"]),
@@ -1058,15 +1115,16 @@ def workload_threshold(settings: Settings, fstart: str) -> dict[str, Any]:
         ],
         rows,
     )
-    # The smallest size from which sharing wins at this size and every larger one.
+    # The smallest size from which sharing wins, beyond a tie, at this size and every
+    # larger one.
     crossover: int | None = None
     for entry in reversed(per_size):
-        if math.isnan(entry["ratio"]) or entry["ratio"] >= 1:
+        if math.isnan(entry["ratio"]) or entry["ratio"] >= 1 / TIE:
             break
         crossover = entry["bytes"]
-    first_win = next((e["bytes"] for e in per_size if e["ratio"] < 1), None)
+    first_win = next((e["bytes"] for e in per_size if e["ratio"] < 1 / TIE), None)
     lines = [
-        f"- smallest size from which sharing wins at every larger size: "
+        f"- smallest size from which sharing wins (by more than a tie) at every larger size: "
         f"{fmt_bytes(crossover) if crossover else 'none measured'}"
         f" (first size where it wins at all: {fmt_bytes(first_win) if first_win else 'none'}); "
         f"fenfa.sharing.AUTO_SHARE_BYTES is {auto_share_default()}",
@@ -1079,7 +1137,8 @@ def workload_threshold(settings: Settings, fstart: str) -> dict[str, Any]:
             "array bound with functools.partial and returning its first element; "
             "fenfa.sharing.AUTO_SHARE_BYTES forced to 0 (every array shared, a new segment per "
             "call) and to 1 << 62 (the array is pickled); min of "
-            f"{settings.reps} interleaved runs per size. Ratio < 1: sharing is faster.",
+            f"{settings.reps} interleaved runs per size. Ratio < 1: sharing is faster; within "
+            f"{TIE:.2f}x either way counts as a tie.",
             "",
             table,
             "",

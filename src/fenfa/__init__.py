@@ -5,7 +5,7 @@ See DESIGN.md for the contract; this module only re-exports the public names.
 
 from typing import TYPE_CHECKING, Any
 
-from .api import Executor, imap, imap_unordered, map, run, starmap
+from .api import Executor, imap, imap_unordered, last_insights, map, run, starmap
 from .errors import (
     BackendUnavailable,
     FenfaError,
@@ -14,6 +14,7 @@ from .errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from .insights import Insights, Summary, TaskRecord
 from .pool import Pool
 from .sharing import Shared, share
 from .worker import WorkerInfo, current_worker
@@ -38,10 +39,13 @@ __all__ = [
     "BackendUnavailable",
     "Executor",
     "FenfaError",
+    "Insights",
     "Pool",
     "PoolClosed",
     "SerializationError",
     "Shared",
+    "Summary",
+    "TaskRecord",
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerInfo",
@@ -50,6 +54,7 @@ __all__ = [
     "current_worker",
     "imap",
     "imap_unordered",
+    "last_insights",
     "map",
     "run",
     "share",

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
+from .insights import Insights
 from .options import POOL_ONLY_OPTIONS
 from .pool import Pool, resolve_backend
 
@@ -22,6 +23,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _defaults: dict[tuple[str, int | None], Pool] = {}
+_last = threading.local()
 _defaults_lock = threading.Lock()
 
 
@@ -34,6 +36,9 @@ def _split(options: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
             )
     backend = options.pop("backend", "auto")
     workers = options.pop("workers", None)
+    if options.get("insights") is True:
+        # A default pool serves every caller: each call records on its own.
+        options["insights"] = _last.insights = Insights()
     return backend, workers, options
 
 
@@ -91,6 +96,16 @@ def starmap(fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: 
     """``[fn(*args) for args in iterable]`` on workers."""
     backend, workers, rest = _split(options)
     return _default_pool(backend, workers).starmap(fn, iterable, **rest)
+
+
+def last_insights() -> Insights | None:
+    """The records of this thread's latest module-level call made with ``insights=True``.
+
+    ``fenfa.map(fn, xs, insights=True)`` returns the results as always; this
+    returns how they were made (``summary()``, ``to_html(path)``, ``records()``).
+    """
+    found: Insights | None = getattr(_last, "insights", None)
+    return found
 
 
 def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:

@@ -39,7 +39,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .tasks import Batch, Job, Piece, attach_traceback, caller, is_coroutine_function, run_batch
+from .tasks import (
+    Batch,
+    Job,
+    Piece,
+    attach_traceback,
+    caller,
+    is_coroutine_function,
+    run_batch,
+    stamped,
+)
 
 # How long each probe phase lasts. 10 ms is ~100 scheduler ticks' worth of
 # CPU clock resolution on Linux (1 us), long enough for the thread CPU
@@ -184,7 +193,8 @@ class _ProbeThread(threading.Thread):
             pieces: list[Piece] = []
             wants = _wanted_cpu(self.native_id)
             begin, cpu = time.perf_counter(), time.thread_time()
-            ran = run_batch(call, start, items, pieces.append, False, attach_traceback)
+            emit = stamped(pieces.append, self._job)
+            ran = run_batch(call, start, items, emit, False, attach_traceback)
             end = time.perf_counter()
             wall, cpu = end - begin, time.thread_time() - cpu
             after = _wanted_cpu(self.native_id)

@@ -1,21 +1,295 @@
-"""What a pool knows about how its work went.
+"""What a pool knows about how its work went: records, summary, HTML timeline.
 
-For now: the decision ``auto`` took and its evidence (``pool.insights.decision``).
-Per-task records, the summary and the HTML timeline come with issue 7.
+With ``insights=True`` (on a Pool, or per call) every backend stamps each
+*piece* of results with when it ran (``time.monotonic``, one clock for every
+process of the machine, so times from worker processes need no correction),
+the CPU time of the thread that ran it, and who ran it (worker id, pid,
+process and thread name, backend); the caller adds the task indices, the
+attempt, the error type, a short repr of the input and when the batch was
+handed to the backend. Nothing is stamped per task: a slow task is reported
+alone (so it gets its own times), tiny tasks gathered into one batch share
+their batch's span evenly (``TaskRecord.batched`` says how many). Off, it
+costs one attribute check per piece.
+
+``decision`` is what ``backend="auto"`` chose and why, recorded either way.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .auto import Decision
 
+__all__ = ["Insights", "Summary", "TaskRecord"]
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task: where, when and how it ran. Times are ``time.monotonic`` seconds."""
+
+    index: int
+    call: int  # which call of the pool (1, 2, ...) it belonged to
+    worker: int | None
+    pid: int
+    process_name: str
+    thread_name: str
+    backend: str | None
+    submitted: float | None  # when its batch was handed to the backend
+    started: float
+    ended: float
+    cpu: float | None  # CPU seconds (None on the async backend: coroutines share a thread)
+    attempt: int
+    error: str | None  # the exception's type name, if it failed
+    input: str  # short repr of its input
+    batched: int  # tasks that shared this record's span (1: timed alone)
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
 
 @dataclass
+class _Piece:
+    """Consecutive tasks of one batch, reported together (what backends stamp)."""
+
+    call: int
+    start: int
+    count: int
+    who: tuple[int | None, int, str, str, str | None]
+    submitted: float | None
+    started: float
+    ended: float
+    cpu: float | None
+    attempt: int
+    error: str | None
+    input: str
+    first_of_batch: bool
+
+
+@dataclass
+class WorkerLine:
+    name: str
+    tasks: int
+    busy: float
+    idle: float
+    failed: int
+
+
+@dataclass
+class Summary:
+    """Per-worker work, dispatch overhead, the slowest tasks, and auto's decision."""
+
+    workers: list[WorkerLine]
+    tasks: int
+    failed: int
+    wall: float
+    dispatch: float | None  # mean seconds from handing a batch over to its first task starting
+    slowest: list[TaskRecord]
+    decision: Decision | None
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.tasks} tasks, {self.failed} failed, {_seconds(self.wall)} from the first "
+            f"hand-over to the last result"
+            + (f"; mean dispatch {_seconds(self.dispatch)}" if self.dispatch is not None else ""),
+        ]
+        if self.decision is not None:
+            lines.append(f"auto chose {self.decision.backend}: {self.decision.reason}")
+        rows = [("worker", "tasks", "failed", "busy", "idle", "busy %")]
+        for line in self.workers:
+            share = line.busy / (line.busy + line.idle) if line.busy + line.idle else 0.0
+            rows.append(
+                (
+                    line.name,
+                    str(line.tasks),
+                    str(line.failed),
+                    _seconds(line.busy),
+                    _seconds(line.idle),
+                    f"{share:.0%}",
+                )
+            )
+        lines.append(_table(rows))
+        if self.slowest:
+            lines.append("slowest tasks:")
+            for record in self.slowest:
+                shared = f" (1 of {record.batched} timed together)" if record.batched > 1 else ""
+                lines.append(
+                    f"  task {record.index}: {_seconds(record.seconds)}{shared} on "
+                    f"{_worker_name(_who(record))}, input {record.input}"
+                )
+        return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.2f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.1f} ms"
+    return f"{value * 1e6:.0f} us"
+
+
+def _who(record: TaskRecord) -> tuple[Any, ...]:
+    return (record.worker, record.pid, record.process_name, record.thread_name, record.backend)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for number, row in enumerate(rows):
+        out.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if number == 0:
+            out.append("  ".join("-" * width for width in widths))
+    return "\n".join(out)
+
+
+def _worker_name(who: tuple[Any, ...]) -> str:
+    worker, pid, _process, thread, backend = who
+    label = f"{backend} {worker}" if worker is not None else "caller"
+    return f"{label} (pid {pid})" if backend == "process" else f"{label} (pid {pid}, {thread})"
+
+
 class Insights:
-    """``decision``: what ``backend="auto"`` chose and why (None for a fixed backend)."""
+    """A pool's (or a call's) records; see the module docstring.
 
-    decision: Decision | None = None
+    ``decision``: what ``backend="auto"`` chose and why (None for a fixed
+    backend). ``records()``: one :class:`TaskRecord` per task. ``summary()``
+    and ``to_html(path)`` read them.
+    """
+
+    def __init__(self) -> None:
+        self.decision: Decision | None = None
+        self._pieces: list[_Piece] = []
+        self._lock = threading.Lock()
+        self._calls = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<fenfa.Insights: {len(self)} tasks recorded>"
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(piece.count for piece in self._pieces)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pieces.clear()
+
+    # -- recording (called by the call's run, in the caller) ------------
+
+    def new_call(self) -> int:
+        return next(self._calls)
+
+    def add(
+        self,
+        call: int,
+        start: int,
+        count: int,
+        times: Any,
+        *,
+        submitted: float | None,
+        attempt: int,
+        error: BaseException | None,
+        first_input: str,
+        first_of_batch: bool,
+    ) -> None:
+        started, ended, cpu, who = times
+        piece = _Piece(
+            call,
+            start,
+            count,
+            who,
+            submitted,
+            started,
+            ended,
+            cpu,
+            attempt,
+            None if error is None else type(error).__name__,
+            first_input,
+            first_of_batch,
+        )
+        with self._lock:
+            self._pieces.append(piece)
+
+    # -- reading ----------------------------------------------------------
+
+    def _snapshot(self) -> list[_Piece]:
+        with self._lock:
+            return list(self._pieces)
+
+    def records(self) -> list[TaskRecord]:
+        """One record per task, in the order they were reported."""
+        return list(_expand(self._snapshot()))
+
+    def summary(self, slowest: int = 5) -> Summary:
+        pieces = self._snapshot()
+        records = list(_expand(pieces))
+        if not pieces:
+            return Summary([], 0, 0, 0.0, None, [], self.decision)
+        first = min(p.submitted if p.submitted is not None else p.started for p in pieces)
+        last = max(p.ended for p in pieces)
+        wall = last - first
+        lines: dict[tuple[Any, ...], WorkerLine] = {}
+        for piece in pieces:
+            key = piece.who[1:4]
+            line = lines.get(key)
+            if line is None:
+                line = lines[key] = WorkerLine(_worker_name(piece.who), 0, 0.0, 0.0, 0)
+            line.tasks += piece.count
+            line.busy += piece.ended - piece.started
+            line.failed += piece.count if piece.error else 0
+        for line in lines.values():
+            line.idle = max(0.0, wall - line.busy)
+        waits = [
+            p.started - p.submitted for p in pieces if p.first_of_batch and p.submitted is not None
+        ]
+        records.sort(key=lambda r: r.seconds / r.batched, reverse=True)
+        return Summary(
+            workers=sorted(lines.values(), key=lambda line: line.name),
+            tasks=len(records),
+            failed=sum(1 for r in records if r.error),
+            wall=wall,
+            dispatch=sum(waits) / len(waits) if waits else None,
+            slowest=records[:slowest],
+            decision=self.decision,
+        )
+
+    def to_html(self, path: str | os.PathLike[str], *, title: str = "fenfa timeline") -> str:
+        """Write a self-contained HTML timeline (inline SVG, no scripts); returns the path."""
+        from .timeline import render
+
+        text = render([(title, self._snapshot(), self.summary())])
+        target = os.fspath(path)
+        temporary = f"{target}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, target)  # never a half-written file
+        return target
 
 
-__all__ = ["Insights"]
+def _expand(pieces: list[_Piece]) -> Iterator[TaskRecord]:
+    for piece in pieces:
+        worker, pid, process, thread, backend = piece.who
+        step = (piece.ended - piece.started) / piece.count
+        cpu = None if piece.cpu is None else piece.cpu / piece.count
+        for offset in range(piece.count):
+            yield TaskRecord(
+                index=piece.start + offset,
+                call=piece.call,
+                worker=worker,
+                pid=pid,
+                process_name=process,
+                thread_name=thread,
+                backend=backend,
+                submitted=piece.submitted,
+                started=piece.started + step * offset,
+                ended=piece.started + step * (offset + 1),
+                cpu=cpu,
+                attempt=piece.attempt,
+                error=piece.error,
+                input=piece.input if offset == 0 else "(batched)",
+                batched=piece.count,
+            )

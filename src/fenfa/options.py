@@ -13,7 +13,7 @@ from .errors import short_repr
 from .progress import check_progress
 
 ON_ERROR = ("raise", "return", "skip")
-CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error", "progress")
+CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error", "progress", "insights")
 POOL_ONLY_OPTIONS = (
     "initializer",
     "initargs",
@@ -41,9 +41,17 @@ class CallOptions:
     retries: int = 0
     on_error: str = "raise"
     progress: bool | dict[str, Any] = False
+    # True: record into the pool's insights; an Insights: record there.
+    insights: Any = False
 
     def __post_init__(self) -> None:
         check_progress(self.progress)
+        from .insights import Insights
+
+        if not isinstance(self.insights, bool | Insights):
+            raise ValueError(
+                f"insights must be True, False or a fenfa.Insights, got {self.insights!r}"
+            )
         positive("chunksize", self.chunksize)
         positive("window", self.window)
         if self.timeout is not None and (

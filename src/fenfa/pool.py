@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -121,6 +122,7 @@ class Pool:
         retries: int = 0,
         on_error: str = "raise",
         progress: bool | dict[str, Any] = False,
+        insights: bool | Insights = False,
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         start_method: str | None = None,
@@ -136,7 +138,9 @@ class Pool:
             )
         if initializer is not None:
             check_callable(initializer)
-        self._options = CallOptions(chunksize, window, timeout, retries, on_error, progress)
+        self._options = CallOptions(
+            chunksize, window, timeout, retries, on_error, progress, insights
+        )
         self._backend_options: dict[str, Any] = {
             "initializer": initializer,
             "initargs": tuple(initargs),
@@ -255,6 +259,8 @@ class Pool:
         if not internal:
             self._check_open()
         assert self._backend is not None, "an auto pool settles before its first batch"
+        if batch.job.timed:
+            batch.submitted = time.monotonic()
         self._backend.submit(batch, urgent=urgent)
 
     def _forget(self, job: _FutureJob) -> None:
@@ -323,6 +329,11 @@ class Pool:
         self._check_open()
         undecided = self._router is not None or self._backend is None
         chooser = self._settle if undecided else None
+        recorder = call_options.insights
+        if recorder is True:
+            recorder = self.insights
+        elif recorder is False:
+            recorder = None
         return Run(
             self,
             fn,
@@ -334,6 +345,7 @@ class Pool:
             options=call_options,
             deadline=deadline,
             chooser=chooser,
+            recorder=recorder,
         )
 
     def _spread(

@@ -31,6 +31,7 @@ from .tasks import Batch, ChunkSizer, Job, Ok, Piece, Style, is_coroutine_functi
 
 if TYPE_CHECKING:
     from .backends import Backend
+    from .insights import Insights
     from .pool import Pool
 
 # The default window holds this many batches per worker: one running, one
@@ -70,6 +71,7 @@ class Run:
         options: CallOptions,
         deadline: float | None = None,
         chooser: Callable[[Decision], Pool] | None = None,
+        recorder: Insights | None = None,
     ) -> None:
         # With ``chooser`` (backend "auto"), the pool is known only once the
         # first tasks are measured: see _settle.
@@ -107,6 +109,10 @@ class Run:
         self._cursor = 0
         self._out: deque[tuple[int, list[Any] | BaseException]] = deque()
         self._progress: Progress | None = None
+        self._recorder = recorder
+        if recorder is not None:
+            self._call = recorder.new_call()
+            self._job.timed = True
 
     def _deliver(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         self._results.put((batch, pieces, busy))
@@ -128,6 +134,8 @@ class Run:
             if feed.error is not None:
                 raise feed.error
         self.decision = decision
+        if self._recorder is not None:
+            self._recorder.decision = decision
         self._next = taken
         self._in_window += taken
         self._unfinished += taken
@@ -201,10 +209,30 @@ class Run:
         except queue.Empty:
             raise TimeoutError("the results did not all arrive within the timeout") from None
 
+    def _record(self, batch: Batch, piece: Piece) -> None:
+        assert self._recorder is not None
+        if isinstance(piece, Ok):
+            start, count, error = piece.start, len(piece.values), None
+        else:
+            start, count, error = piece.index, 1, piece.error
+        self._recorder.add(
+            self._call,
+            start,
+            count,
+            piece.times,
+            submitted=batch.submitted,
+            attempt=batch.attempt,
+            error=error,
+            first_input=short_repr(batch.item(start)),
+            first_of_batch=start == batch.start,
+        )
+
     def _absorb(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         tasks = 0
         options = self._options
         for piece in pieces:
+            if piece.times is not None and self._recorder is not None:
+                self._record(batch, piece)
             if isinstance(piece, Ok):
                 count = len(piece.values)
                 tasks += count

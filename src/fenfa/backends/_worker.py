@@ -13,7 +13,7 @@ side always knows which tasks a failed body stood for).
 Parent -> worker::
 
     FUNC   header (key,)                                    body: cloudpickled function
-    BATCH  header (batch_id, key, style, start, count, stream)  body: pickled items
+    BATCH  header (batch_id, key, style, start, count, stream, timed)  body: pickled items
     FORGET header (paths, keys)  shared segments released: drop their mappings and
            the functions that refer to them (the parent's mirror drops them too)
     STOP   -
@@ -22,7 +22,8 @@ Worker -> parent::
 
     READY       -   the initializer (if any) ran; tasks may come
     RESULT      header (batch_id, busy_seconds, spans, sizes)   body: one payload per span
-                 spans: [(start, count, ok)]; ok -> a list of values, else a packed exception
+                 spans: [(start, count, ok, times)]; ok -> a list of values, else a packed
+                 exception; times: when and where it ran (insights on), else None
                  sizes: the byte counts of the pickle's out-of-band buffers (large NumPy
                  results), written raw to the socket right after the frame
     RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
@@ -47,7 +48,7 @@ import cloudpickle
 
 from .. import sharing
 from ..errors import SerializationError, pack_exception
-from ..tasks import Err, Ok, Piece, Style, caller, run_batch
+from ..tasks import Err, Ok, Piece, Stamper, Style, caller, run_batch
 from ..worker import set_slot
 
 FUNC, BATCH, FORGET, STOP = b"F", b"B", b"G", b"S"
@@ -117,7 +118,19 @@ def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], b
     return keep_in_band
 
 
-Encoded = tuple[list[tuple[int, int, bool]], bytes, list[memoryview]]
+Span = tuple[int, int, bool, Any]
+
+
+def _spans(pieces: list[Piece]) -> list[Span]:
+    return [
+        (p.start, len(p.values), True, p.times)
+        if isinstance(p, Ok)
+        else (p.index, 1, False, p.times)
+        for p in pieces
+    ]
+
+
+Encoded = tuple[list[Span], bytes, list[memoryview]]
 
 
 def encode_results(pieces: list[Piece]) -> Encoded:
@@ -125,9 +138,7 @@ def encode_results(pieces: list[Piece]) -> Encoded:
 
     A value that will not pickle fails its task only.
     """
-    spans = [
-        (p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False) for p in pieces
-    ]
+    spans = _spans(pieces)
     payloads = [p.values if isinstance(p, Ok) else p.error for p in pieces]
     buffers: list[memoryview] = []
     try:
@@ -153,9 +164,7 @@ def encode_results(pieces: list[Piece]) -> Encoded:
                 fixed.append(Err(index, pack_exception(error)))
             else:
                 fixed.append(Ok(index, [value]))
-    spans = [
-        (p.start, len(p.values), True) if isinstance(p, Ok) else (p.index, 1, False) for p in fixed
-    ]
+    spans = _spans(fixed)
     body = dumps([p.values if isinstance(p, Ok) else p.error for p in fixed], buffers)
     return spans, body, buffers
 
@@ -197,7 +206,7 @@ def _serve_batch(
     budget: int | None,
 ) -> int:
     """Run one BATCH frame and report it; returns how many tasks ran."""
-    batch_id, _key, style, start, count, stream = header
+    batch_id, _key, style, start, count, stream, timed = header
     reporter = _Reporter(send, batch_id, stream)
     try:
         if isinstance(fn, BaseException):
@@ -214,12 +223,13 @@ def _serve_batch(
             )
         )
         packed = pack_exception(error)
-        spans = [(start + i, 1, False) for i in range(count)]
+        spans = [(start + i, 1, False, None) for i in range(count)]
         send(frame(RESULT, (batch_id, 0.0, spans, []), dumps([packed] * count)))
         return 0
     if budget is not None and budget < count:
         items = items[:budget]
-    ran = run_batch(caller(fn, Style(style)), start, items, reporter.emit, stream, pack_exception)
+    emit = Stamper(reporter.emit) if timed else reporter.emit
+    ran = run_batch(caller(fn, Style(style)), start, items, emit, stream, pack_exception)
     reporter.flush()
     return ran
 

@@ -49,7 +49,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import PoolClosed, TaskTimeout
-from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, is_coroutine_function
+from ..tasks import (
+    Batch,
+    Err,
+    Job,
+    Ok,
+    Piece,
+    attach_traceback,
+    caller,
+    is_coroutine_function,
+    who_runs,
+)
 from ..worker import restore_slot, set_slot
 from .base import Backend
 from .thread import fail_batch
@@ -268,6 +278,7 @@ class AsyncBackend(Backend):
     async def _one(self, job: Job, index: int, item: Any, is_async: bool) -> tuple[Piece, float]:
         call = caller(job.fn, job.style)
         begin = time.perf_counter()
+        started = time.monotonic()
         piece: Piece
         try:
             if is_async:
@@ -284,6 +295,9 @@ class AsyncBackend(Backend):
             # Every exception is the task's failure, KeyboardInterrupt and
             # SystemExit included: they must not stop the loop.
             piece = Err(index, attach_traceback(exc))
+        if job.timed:
+            # (No CPU time: the coroutines of the loop share one thread.)
+            piece.times = (started, time.monotonic(), None, who_runs())
         return piece, time.perf_counter() - begin
 
     async def _run_plain(

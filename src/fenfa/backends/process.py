@@ -413,10 +413,11 @@ class ProcessBackend(Backend):
 
     @classmethod
     def _frame(cls, batch: Batch, body: bytes) -> bytes:
-        assert batch.job.payload is not None
+        job = batch.job
+        assert job.payload is not None
         count = len(batch.items)
         stream = cls._streams(batch)
-        header = (batch.id, batch.job.payload[0], int(batch.job.style), batch.start, count, stream)
+        header = (batch.id, job.payload[0], int(job.style), batch.start, count, stream, job.timed)
         return frame(BATCH, header, body)
 
     @staticmethod
@@ -583,7 +584,7 @@ class ProcessBackend(Backend):
         try:
             payloads = pickle.loads(body, buffers=buffers)
         except Exception as exc:
-            for start, count, _ok in spans:
+            for start, count, _ok, _times in spans:
                 for index in range(start, start + count):
                     error = SerializationError(
                         f"the result of task {index} could not be unpickled: "
@@ -593,8 +594,10 @@ class ProcessBackend(Backend):
                     )
                     pieces.append(Err(index, error))
         else:
-            for (start, _count, ok), payload in zip(spans, payloads, strict=True):
-                pieces.append(Ok(start, payload) if ok else Err(start, unpack_exception(payload)))
+            for (start, _count, ok, times), payload in zip(spans, payloads, strict=True):
+                piece = Ok(start, payload) if ok else Err(start, unpack_exception(payload))
+                piece.times = times
+                pieces.append(piece)
         with self._lock:
             batch.done += sum(span[1] for span in spans)
             worker.task_started = time.monotonic()

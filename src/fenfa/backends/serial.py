@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import TaskTimeout
-from ..tasks import Batch, Err, Ok, Piece, attach_traceback, caller, run_batch
+from ..tasks import Batch, Err, Ok, Piece, attach_traceback, caller, run_batch, stamped
 from ..worker import restore_slot, set_slot
 from .base import Backend
 from .thread import fail_batch
@@ -87,12 +87,13 @@ class SerialBackend(Backend):
                 return
             begin = time.perf_counter()
             call = caller(job.fn, job.style)
+            emit = stamped(pieces.append, job)
             if job.timeout is None:
                 ran = run_batch(
                     call,
                     batch.start,
                     batch.items,
-                    pieces.append,
+                    emit,
                     False,
                     _report,
                     job.stop_on_error,
@@ -104,7 +105,7 @@ class SerialBackend(Backend):
                     batch.items,
                     job.timeout,
                     job.stop_on_error,
-                    pieces.append,
+                    emit,
                 )
             busy = time.perf_counter() - begin
         finally:

@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from ..errors import PoolClosed, TaskTimeout
-from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, run_batch
+from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, run_batch, stamped
 from ..worker import set_slot
 from .base import Backend
 
@@ -174,7 +174,8 @@ class ThreadBackend(Backend):
                 slot.batch = batch
             pieces: list[Piece] = []
             begin = time.perf_counter()
-            ran = run_batch(call, batch.start, batch.items, pieces.append, False, attach_traceback)
+            emit = stamped(pieces.append, batch.job)
+            ran = run_batch(call, batch.start, batch.items, emit, False, attach_traceback)
             busy = time.perf_counter() - begin
             with self._lock:
                 slot.batch = None
