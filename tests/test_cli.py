@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fenfa.cli import main
 
+EXPECTED_RUNS = [
+    *(("io", backend) for backend in ("serial", "thread", "process", "async", "auto")),
+    *(("cpu", backend) for backend in ("serial", "thread", "process", "auto")),
+]
+
 
 @pytest.mark.timeout(120)
 def test_bench_quick_reports_every_backend_on_both_workloads(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    assert main(["bench", "--quick", "--json"]) == 0
+    page = tmp_path / "bench.html"
+    assert main(["bench", "--quick", "--json", "--html", str(page)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["workload"], r["backend"]) for r in rows] == [
-        (workload, backend)
-        for workload in ("io", "cpu")
-        for backend in ("serial", "thread", "process", "auto")
-    ]
+    assert [(r["workload"], r["backend"]) for r in rows] == EXPECTED_RUNS
     for row in rows:
         assert row["wall"] > 0
         if row["backend"] == "serial":
@@ -29,6 +33,25 @@ def test_bench_quick_reports_every_backend_on_both_workloads(
             assert row["speedup"] == 1.0
     auto = [r for r in rows if r["backend"] == "auto"]
     assert {r["resolved"] for r in auto} <= {"serial", "thread", "process"}
+    assert all(r["reason"] for r in auto)
+    # One section per run, in order, each with its timeline.
+    html = page.read_text()
+    titles = re.findall(r"<h2>(\w+) on (\w+)", html)
+    assert titles == EXPECTED_RUNS
+    assert html.count("<svg") == len(EXPECTED_RUNS)
+
+
+def test_bench_prints_the_lesson_and_auto_s_reasons() -> None:
+    from fenfa.cli.bench import Row, format_table
+
+    rows = [
+        Row("io", "serial", "serial", 1.0, 1.0, 0.0, 1),
+        Row("io", "auto", "thread", 0.2, 5.0, 0.0, 6, "the task spends 99% of its time waiting"),
+    ]
+    text = format_table(rows, quick=True)
+    assert "auto->thread" in text
+    assert "io: the task spends 99% of its time waiting." in text
+    assert "threads take turns" in text
 
 
 def test_bad_usage_is_a_one_line_error() -> None:

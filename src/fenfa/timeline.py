@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from .insights import Summary, _Piece
 
 WIDTH = 1000  # pixels of timeline
-LABEL = 230  # pixels of lane labels
+LABEL = 280  # pixels of lane labels
+MARGIN = 50  # right of the timeline, for the last tick's label
+MAX_ROWS = 12  # rows per lane for tasks that overlap (coroutines)
 LANE = 18  # lane height
 GAP = 4
 AXIS = 24
@@ -78,8 +80,8 @@ def _lane_label(who: tuple[Any, ...]) -> str:
     if worker is None:
         return f"caller (pid {pid}, {thread})"
     if backend == "process":
-        return f"{backend} worker {worker} (pid {pid})"
-    return f"{backend} worker {worker} ({thread})"
+        return f"{backend} {worker} (pid {pid})"
+    return f"{backend} {worker} ({thread})"
 
 
 def _svg(pieces: Sequence[_Piece]) -> tuple[str, int, int]:
@@ -94,9 +96,10 @@ def _svg(pieces: Sequence[_Piece]) -> tuple[str, int, int]:
     for piece in pieces:
         lanes.setdefault(piece.who[1:4], []).append(piece)
     order = sorted(lanes, key=lambda key: _lane_label(lanes[key][0].who))
-    height = AXIS + len(order) * (LANE + GAP)
+    stacked = {key: _stack(lanes[key]) for key in order}
+    height = AXIS + sum(len(stacked[key]) * LANE + GAP for key in order)
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{LABEL + WIDTH + 10}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{LABEL + WIDTH + MARGIN}" '
         f'height="{height + 4}" role="img">'
     ]
     # the time axis: five ticks
@@ -108,36 +111,20 @@ def _svg(pieces: Sequence[_Piece]) -> tuple[str, int, int]:
             f"{_e(_ms(span * tick / 5))}</text>"
         )
     bars = 0
-    for number, key in enumerate(order):
-        lane = sorted(lanes[key], key=lambda p: p.started)
-        y = AXIS + number * (LANE + GAP)
-        out.append(f'<g class="lane" data-worker="{_e(_lane_label(lane[0].who))}">')
+    y = AXIS
+    for key in order:
+        rows = stacked[key]
+        who = rows[0][0].who
+        tasks = sum(p.count for row in rows for p in row)
+        out.append(f'<g class="lane" data-worker="{_e(_lane_label(who))}">')
         out.append(
-            f'<text x="4" y="{y + LANE - 5}">{_e(_lane_label(lane[0].who))} '
-            f"- {sum(p.count for p in lane)} tasks</text>"
+            f'<text x="4" y="{y + LANE - 5}">{_e(_lane_label(who))} - '
+            f"{tasks} task{'s' if tasks != 1 else ''}</text>"
         )
-        group: list[_Piece] = []
-        group_end = -1.0
-        for piece in lane:
-            x0 = LABEL + (piece.started - origin) * scale
-            x1 = LABEL + (piece.ended - origin) * scale
-            if x1 - x0 >= 1.0:
-                bars += _aggregate(out, group, y, origin, scale)
-                group = []
-                out.append(
-                    f'<rect class="task" data-tasks="{piece.count}" x="{x0:.2f}" y="{y}" '
-                    f'width="{x1 - x0:.2f}" height="{LANE}" fill="{_colour(piece)}" '
-                    f'stroke="#fff" stroke-width="0.5"><title>{_e(_title(piece, origin))}</title>'
-                    "</rect>"
-                )
-                bars += 1
-                continue
-            if group and x0 > group_end + 1.0:
-                bars += _aggregate(out, group, y, origin, scale)
-                group = []
-            group.append(piece)
-            group_end = max(x1, group_end if len(group) > 1 else x1)
-        bars += _aggregate(out, group, y, origin, scale)
+        for row in rows:
+            bars += _draw_row(out, row, y, origin, scale)
+            y += LANE
+        y += GAP
         out.append("</g>")
     out.append("</svg>")
     return "".join(out), len(order), bars
@@ -166,6 +153,56 @@ def _summary_table(summary: Summary) -> str:
     return "<p>" + "<br>".join(facts) + "</p>" + "".join(rows)
 
 
+def _stack(pieces: list[_Piece]) -> list[list[_Piece]]:
+    """Pieces of one worker in rows, so that ones running at once (coroutines) do not overlap.
+
+    Greedy, by start time: each piece goes to the first row that is free by
+    then. At most MAX_ROWS rows; beyond that, the last row takes the rest.
+    """
+    rows: list[list[_Piece]] = []
+    ends: list[float] = []
+    for piece in sorted(pieces, key=lambda p: p.started):
+        free = [number for number, end in enumerate(ends) if piece.started >= end]
+        if free:
+            number = free[0]
+        elif len(rows) < MAX_ROWS:
+            number = len(rows)
+            rows.append([])
+            ends.append(piece.ended)
+        else:
+            number = len(rows) - 1
+        rows[number].append(piece)
+        ends[number] = max(ends[number], piece.ended)
+    return rows
+
+
+def _draw_row(out: list[str], row: list[_Piece], y: int, origin: float, scale: float) -> int:
+    """Bars for one row of a lane; returns how many (an aggregate counts as one)."""
+    bars = 0
+    group: list[_Piece] = []
+    group_end = -1.0
+    for piece in row:
+        x0 = LABEL + (piece.started - origin) * scale
+        x1 = LABEL + (piece.ended - origin) * scale
+        if x1 - x0 >= 1.0:
+            bars += _aggregate(out, group, y, origin, scale)
+            group = []
+            out.append(
+                f'<rect class="task" data-tasks="{piece.count}" x="{x0:.2f}" y="{y}" '
+                f'width="{x1 - x0:.2f}" height="{LANE - 1}" fill="{_colour(piece)}" '
+                f'stroke="#fff" stroke-width="0.5"><title>{_e(_title(piece, origin))}</title>'
+                "</rect>"
+            )
+            bars += 1
+            continue
+        if group and x0 > group_end + 1.0:
+            bars += _aggregate(out, group, y, origin, scale)
+            group = []
+        group.append(piece)
+        group_end = max(x1, group_end if len(group) > 1 else x1)
+    return bars + _aggregate(out, group, y, origin, scale)
+
+
 def _aggregate(out: list[str], group: list[_Piece], y: int, origin: float, scale: float) -> int:
     """One faded bar standing for ``group`` (pieces too thin to draw); returns bars drawn."""
     if not group:
@@ -182,7 +219,7 @@ def _aggregate(out: list[str], group: list[_Piece], y: int, origin: float, scale
     )
     out.append(
         f'<rect class="agg" data-tasks="{tasks}" x="{x0:.2f}" y="{y}" '
-        f'width="{max(x1 - x0, 1.0):.2f}" height="{LANE}" fill="{FAILED if failed else OK}" '
+        f'width="{max(x1 - x0, 1.0):.2f}" height="{LANE - 1}" fill="{FAILED if failed else OK}" '
         f'fill-opacity="0.6"><title>{_e(title)}</title></rect>'
     )
     return 1
