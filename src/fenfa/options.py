@@ -20,8 +20,10 @@ POOL_ONLY_OPTIONS = (
     "start_method",
     "max_tasks_per_worker",
     "native_threads",
+    "worker_output",
 )
 START_METHODS = ("fork", "forkserver", "spawn")
+WORKER_OUTPUT = ("relay", "inherit")
 
 
 def positive(name: str, value: object, *, allow_none: bool = True) -> None:
@@ -94,6 +96,7 @@ __all__ = [
     "CALL_OPTIONS",
     "POOL_ONLY_OPTIONS",
     "START_METHODS",
+    "WORKER_OUTPUT",
     "CallOptions",
     "check_callable",
     "check_native_threads",

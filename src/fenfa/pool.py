@@ -20,7 +20,14 @@ from .auto import Decision, unmeasured
 from .backends import Backend, backend_class, check_name, default_workers
 from .errors import PoolClosed
 from .insights import Insights
-from .options import START_METHODS, CallOptions, check_callable, check_native_threads, positive
+from .options import (
+    START_METHODS,
+    WORKER_OUTPUT,
+    CallOptions,
+    check_callable,
+    check_native_threads,
+    positive,
+)
 from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 from .window import Run, annotate
 
@@ -128,9 +135,15 @@ class Pool:
         start_method: str | None = None,
         max_tasks_per_worker: int | None = None,
         native_threads: int | str | bool = "auto",
+        worker_output: str = "relay",
     ) -> None:
         positive("workers", workers)
         check_native_threads(native_threads)
+        if worker_output not in WORKER_OUTPUT:
+            raise ValueError(
+                f"worker_output must be one of {', '.join(map(repr, WORKER_OUTPUT))}, "
+                f"got {worker_output!r}"
+            )
         positive("max_tasks_per_worker", max_tasks_per_worker)
         if start_method is not None and start_method not in START_METHODS:
             raise ValueError(
@@ -147,6 +160,7 @@ class Pool:
             "max_tasks_per_worker": max_tasks_per_worker,
             "start_method": start_method,
             "native_threads": native_threads,
+            "worker_output": worker_output,
         }
         #: The resolved backend; "auto" until the first call has been measured.
         self.backend: str = resolve_backend(backend, workers)
@@ -186,6 +200,7 @@ class Pool:
         if name != "process":
             del options["start_method"]
             del options["native_threads"]
+            del options["worker_output"]
         count = self.workers if self.workers is not None else default_workers(name)
         backend = backend_class(name)(count, **options)
         self._backend = backend

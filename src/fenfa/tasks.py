@@ -236,6 +236,21 @@ def _caller(fn: Callable[..., Any], style: Style) -> Callable[[Any], Any]:
     return lambda item: fn(*item[0], **item[1])
 
 
+_running = threading.local()
+
+
+def current_task_index() -> int | None:
+    """The index of the task this thread is running inside ``run_batch`` (None outside).
+
+    Log records relayed from process workers carry it.
+    """
+    values = getattr(_running, "values", None)
+    if values is not None:
+        return int(_running.first) + len(values)
+    index: int | None = getattr(_running, "index", None)
+    return index
+
+
 def run_batch(
     call: Callable[[Any], Any],
     start: int,
@@ -255,9 +270,27 @@ def run_batch(
     ``SystemExit`` fails, it does not stop the worker. With ``stop``, the
     batch ends at its first failure. Returns the count run.
     """
+    try:
+        return _run_batch(call, start, items, emit, stream, on_error, stop)
+    finally:
+        _running.values = _running.index = None  # (nor hold the last results)
+
+
+def _run_batch(
+    call: Callable[[Any], Any],
+    start: int,
+    items: list[Any],
+    emit: Callable[[Piece], None],
+    stream: bool,
+    on_error: Callable[[BaseException], Any],
+    stop: bool,
+) -> int:
+    running = _running
     if stream:
         index = start - 1
+        running.values = None
         for index, item in enumerate(items, start):
+            running.index = index
             try:
                 value = call(item)
             except BaseException as exc:
@@ -275,6 +308,8 @@ def run_batch(
     first = start
     results = map(call, items)
     while True:
+        # (Where the batch is, for current_task_index(): two stores per batch.)
+        running.first, running.values = first, values
         try:
             values.extend(results)
         except BaseException as exc:

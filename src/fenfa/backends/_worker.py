@@ -27,6 +27,8 @@ Worker -> parent::
                  sizes: the byte counts of the pickle's out-of-band buffers (large NumPy
                  results), written raw to the socket right after the frame
     RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
+    OUTPUT      header (stream, text)   printed by a task (see fenfa.relay)
+    LOG         header record attributes    logged by a task (see fenfa.relay)
     INIT_FAILED header packed exception from the initializer
 """
 
@@ -52,7 +54,7 @@ from ..tasks import Err, Ok, Piece, Stamper, Style, caller, run_batch
 from ..worker import set_slot
 
 FUNC, BATCH, FORGET, STOP = b"F", b"B", b"G", b"S"
-READY, RESULT, RETIRE, INIT_FAILED = b"Y", b"R", b"T", b"I"
+READY, RESULT, RETIRE, INIT_FAILED, OUTPUT, LOG = b"Y", b"R", b"T", b"I", b"O", b"L"
 # The exit code of a worker that left because its parent died.
 EXIT_ORPHANED = 70
 _HLEN = struct.Struct("!I")
@@ -229,9 +231,13 @@ def _serve_batch(
     if budget is not None and budget < count:
         items = items[:budget]
     emit = Stamper(reporter.emit) if timed else reporter.emit
-    ran = run_batch(caller(fn, Style(style)), start, items, emit, stream, pack_exception)
-    reporter.flush()
-    return ran
+    try:
+        return run_batch(caller(fn, Style(style)), start, items, emit, stream, pack_exception)
+    finally:
+        # A line the batch left unfinished goes out before its results.
+        for stream_ in _relayed:
+            stream_.flush()
+        reporter.flush()
 
 
 def _watch_parent(lifeline: Any, parent: int) -> None:
@@ -242,6 +248,23 @@ def _watch_parent(lifeline: Any, parent: int) -> None:
         sharing.sweep(parent)
     finally:
         os._exit(EXIT_ORPHANED)
+
+
+# The relayed sys.stdout and sys.stderr of this worker (empty: not relayed).
+_relayed: tuple[Any, ...] = ()
+
+
+def _relay_output(send: Send, worker_id: int, log_levels: dict[str, int]) -> None:
+    global _relayed
+    from .. import relay
+
+    def send_output(stream: int, text: str) -> None:
+        send(frame(OUTPUT, (stream, text)))
+
+    def send_log(record: dict[str, Any]) -> None:
+        send(frame(LOG, record))
+
+    _relayed = relay.install(send_output, send_log, worker_id, log_levels)
 
 
 def cap_native_threads(limit: int | None) -> None:
@@ -270,11 +293,14 @@ def _sender(conn: Any) -> Send:
     """Sends a frame, then the raw bytes of its out-of-band buffers, in order."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     send_bytes = conn.send_bytes
+    # Threads a task starts may print or log while the main thread reports.
+    lock = threading.Lock()
 
     def send(message: bytes, buffers: list[memoryview] | None = None) -> None:
-        send_bytes(message)
-        for buffer in buffers or ():
-            sock.sendall(buffer)
+        with lock:
+            send_bytes(message)
+            for buffer in buffers or ():
+                sock.sendall(buffer)
 
     return send
 
@@ -288,6 +314,7 @@ def worker_main(
     max_tasks: int | None,
     parent: int,
     native_threads: int | None,
+    log_levels: dict[str, int] | None,
 ) -> None:
     # Under fork the child inherits the parent's write end too: close it, or
     # the parent's death would never read as end of file.
@@ -302,6 +329,8 @@ def worker_main(
     state: dict[str, Any] = {}
     set_slot(worker_id, "process", state)
     send = _sender(conn)
+    if log_levels is not None:
+        _relay_output(send, worker_id, log_levels)
     if setup is not None:
         try:
             initializer, initargs = cloudpickle.loads(setup)

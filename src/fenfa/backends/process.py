@@ -54,7 +54,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import sharing
+from .. import relay, sharing
 from ..errors import (
     FenfaError,
     PoolClosed,
@@ -70,6 +70,8 @@ from ._worker import (
     FORGET,
     FUNC,
     INIT_FAILED,
+    LOG,
+    OUTPUT,
     READY,
     RESULT,
     RETIRE,
@@ -237,9 +239,11 @@ class ProcessBackend(Backend):
         *,
         start_method: str | None = None,
         native_threads: int | str | bool = "auto",
+        worker_output: str = "relay",
         **kwargs: Any,
     ) -> None:
         super().__init__(workers, **kwargs)
+        self.worker_output = worker_output
         if native_threads == "auto":
             # N workers each running a BLAS with every core's worth of threads
             # would start N x cores threads on cores cores.
@@ -315,6 +319,7 @@ class ProcessBackend(Backend):
                 self.max_tasks_per_worker,
                 os.getpid(),
                 self.native_threads,
+                relay.levels() if self.worker_output == "relay" else None,
             ),
         )
         try:
@@ -544,7 +549,11 @@ class ProcessBackend(Backend):
         except (EOFError, OSError):
             return False  # the worker died; its sentinel fires and _reap blames
         kind, header, body = unframe(message)
-        if kind == RESULT:
+        if kind == OUTPUT:
+            relay.deliver_output(*header)
+        elif kind == LOG:
+            relay.deliver_log(header)
+        elif kind == RESULT:
             buffers = []
             for size in header[3]:
                 buffer = bytearray(size)
