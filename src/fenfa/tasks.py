@@ -271,61 +271,49 @@ def run_batch(
     batch ends at its first failure. Returns the count run.
     """
     try:
-        return _run_batch(call, start, items, emit, stream, on_error, stop)
+        running = _running
+        if stream:
+            index = start - 1
+            running.values = None
+            for index, item in enumerate(items, start):
+                running.index = index
+                try:
+                    value = call(item)
+                except BaseException as exc:
+                    emit(Err(index, on_error(exc)))
+                    if stop:
+                        break
+                else:
+                    emit(Ok(index, [value]))
+            return index + 1 - start
+        # The fast path: ``list.extend`` drives ``map`` in C, about twice as fast
+        # as a Python loop on tiny tasks. When a call raises, ``extend`` keeps
+        # what it had appended and ``map`` resumes after the failed item, so the
+        # failure's index is simply the count so far.
+        values: list[Any] = []
+        first = start
+        results = map(call, items)
+        while True:
+            # (Where the batch is, for current_task_index(): two stores per batch.)
+            running.first, running.values = first, values
+            try:
+                values.extend(results)
+            except BaseException as exc:
+                failed = first + len(values)
+                if values:
+                    emit(Ok(first, values))
+                    values = []
+                emit(Err(failed, on_error(exc)))
+                first = failed + 1
+                if stop:
+                    return first - start
+                continue
+            break
+        if values:
+            emit(Ok(first, values))
+        return first + len(values) - start
     finally:
         _running.values = _running.index = None  # (nor hold the last results)
-
-
-def _run_batch(
-    call: Callable[[Any], Any],
-    start: int,
-    items: list[Any],
-    emit: Callable[[Piece], None],
-    stream: bool,
-    on_error: Callable[[BaseException], Any],
-    stop: bool,
-) -> int:
-    running = _running
-    if stream:
-        index = start - 1
-        running.values = None
-        for index, item in enumerate(items, start):
-            running.index = index
-            try:
-                value = call(item)
-            except BaseException as exc:
-                emit(Err(index, on_error(exc)))
-                if stop:
-                    break
-            else:
-                emit(Ok(index, [value]))
-        return index + 1 - start
-    # The fast path: ``list.extend`` drives ``map`` in C, about twice as fast
-    # as a Python loop on tiny tasks. When a call raises, ``extend`` keeps
-    # what it had appended and ``map`` resumes after the failed item, so the
-    # failure's index is simply the count so far.
-    values: list[Any] = []
-    first = start
-    results = map(call, items)
-    while True:
-        # (Where the batch is, for current_task_index(): two stores per batch.)
-        running.first, running.values = first, values
-        try:
-            values.extend(results)
-        except BaseException as exc:
-            failed = first + len(values)
-            if values:
-                emit(Ok(first, values))
-                values = []
-            emit(Err(failed, on_error(exc)))
-            first = failed + 1
-            if stop:
-                return first - start
-            continue
-        break
-    if values:
-        emit(Ok(first, values))
-    return first + len(values) - start
 
 
 def attach_traceback(exc: BaseException) -> BaseException:
