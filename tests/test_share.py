@@ -354,7 +354,7 @@ def test_no_room_anywhere_is_a_clear_error_naming_the_size(tmp_path: Path) -> No
     with script(tmp_path, NO_ROOM_SCRIPT) as proc:
         assert proc.wait(timeout=30) == 0, script_output(tmp_path)
     out = (tmp_path / "stdout").read_text()
-    assert "error: could not make room for 4.0 MB (4194304 bytes) of shared data" in out, out
+    assert "error: could not make room for 4.0 MiB (4194304 bytes) of shared data" in out, out
     assert sharing.DIR_VARIABLE in out
 
 

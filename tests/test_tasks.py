@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from fenfa.tasks import (
+    GROWTH,
     MAX_CHUNKSIZE,
     MIN_BATCH_SECONDS,
     TARGET_BATCH_SECONDS,
@@ -111,11 +112,21 @@ def test_sizer_aims_at_the_target_batch_time() -> None:
     sizer.measured(busy=0.001 * 10, tasks=10)  # 1 ms per task
     assert sizer.size(0) == round(TARGET_BATCH_SECONDS / 0.001)
     sizer = ChunkSizer(workers=2, total=None, fixed=None)
-    sizer.measured(busy=1e-8 * 1000, tasks=1000)  # far below the target: capped
+    sizer.measured(busy=1e-8 * 3000, tasks=3000)  # far below the target: capped
     assert sizer.size(0) == MAX_CHUNKSIZE
     sizer = ChunkSizer(workers=2, total=None, fixed=None)
     sizer.measured(busy=1.0, tasks=1)  # slower than the target: one per batch
     assert sizer.size(0) == 1
+
+
+def test_sizer_grows_no_faster_than_its_evidence() -> None:
+    # Two cheap first tasks must not size a batch for the whole input: the
+    # rest may be slow (slow start, GROWTH x what was measured).
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    sizer.measured(busy=2e-7, tasks=2)
+    assert sizer.size(2) == GROWTH * 2
+    sizer.measured(busy=8 * 1e-7, tasks=8)
+    assert sizer.size(10) == GROWTH * 10
 
 
 def test_a_cold_probe_weighs_as_one_task_not_one_batch() -> None:
@@ -142,7 +153,7 @@ def test_sizer_shrinks_towards_the_end_but_not_below_the_floor() -> None:
     # Near the end, still at least MIN_BATCH_SECONDS of work per batch.
     assert sizer.size(99_990) == max(1, int(MIN_BATCH_SECONDS / 1e-3))
     sizer = ChunkSizer(workers=2, total=10_000, fixed=None)
-    sizer.measured(busy=1e-5 * 100, tasks=100)  # 10 us: target 1000, floor 200
+    sizer.measured(busy=1e-5 * 1000, tasks=1000)  # 10 us: target 1000, floor 200
     assert sizer.size(0) == 1000
     assert sizer.size(8_000) == 250  # 2000 left over 2 workers x 4 batches
     assert sizer.size(9_900) == 200  # the floor

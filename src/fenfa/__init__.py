@@ -5,19 +5,27 @@ See DESIGN.md for the contract; this module only re-exports the public names.
 
 from typing import TYPE_CHECKING, Any
 
-from .api import Executor, imap, imap_unordered, last_insights, map, run, starmap
-from .errors import (
-    BackendUnavailable,
-    FenfaError,
-    PoolClosed,
-    SerializationError,
-    TaskTimeout,
-    WorkerCrashed,
-)
-from .insights import Insights, Summary, TaskRecord
-from .pool import Pool
-from .sharing import Shared, share
-from .worker import WorkerInfo, current_worker
+from . import _shadow
+
+try:
+    from .api import Executor, imap, imap_unordered, last_insights, map, run, starmap
+    from .errors import (
+        BackendUnavailable,
+        FenfaError,
+        PoolClosed,
+        SerializationError,
+        TaskTimeout,
+        WorkerCrashed,
+    )
+    from .insights import Insights, Summary, TaskRecord
+    from .pool import Pool
+    from .sharing import Shared, share
+    from .worker import WorkerInfo, current_worker
+except (AttributeError, ImportError):
+    # A standard-library module came from a file beside the user's script:
+    # say so, rather than where deep in the standard library it broke.
+    _shadow.check()
+    raise
 
 __version__ = "0.1.0.dev0"
 

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from operator import length_hint
 from typing import Any, ParamSpec, TypeVar
 
+from . import _shadow
 from .auto import Decision, unmeasured
 from .backends import Backend, backend_class, check_name, default_workers
 from .errors import PoolClosed
@@ -202,7 +203,11 @@ class Pool:
             del options["native_threads"]
             del options["worker_output"]
         count = self.workers if self.workers is not None else default_workers(name)
-        backend = backend_class(name)(count, **options)
+        try:
+            backend = backend_class(name)(count, **options)
+        except (AttributeError, ImportError):
+            _shadow.check()  # a file beside the script hides a standard module?
+            raise
         self._backend = backend
         self.backend = name
         self.workers = backend.workers

@@ -205,7 +205,7 @@ class Segment:
 
 def _size_text(size: int) -> str:
     if size >= 1 << 20:
-        return f"{size / (1 << 20):.1f} MB ({size} bytes)"
+        return f"{size / (1 << 20):.1f} MiB ({size} bytes)"
     return f"{size} bytes"
 
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import relay, sharing
+from .. import _shadow, relay, sharing
 from ..errors import (
     FenfaError,
     PoolClosed,
@@ -672,7 +672,9 @@ class ProcessBackend(Backend):
             self._break(
                 WorkerCrashed(
                     f"worker processes keep dying before they are ready (the last one "
-                    f"{exit_description(code)})." + _main_guard_hint(self.start_method),
+                    f"{exit_description(code)})."
+                    + _main_guard_hint(self.start_method)
+                    + _shadow.hint(),
                     exitcode=code,
                 )
             )
