@@ -1,14 +1,16 @@
-"""What watching costs: ``progress=`` and ``insights=`` on 200k tiny tasks (issue 7).
+"""What watching costs: ``progress=``, ``insights=``, the output relay, on 200k tiny tasks.
 
 Run from the repository root::
 
     python benchmarks/bench_observe.py [--quick] [--reps N] [--tasks N]
 
 Goals: the progress bar slows 200k tiny tasks by at most 10 %; insights cost
-at most 10 % when on. (When *off*, insights cost one attribute check per
-piece of results: the "free when off" goal of <= 2 % is read from
-``bench_core.py``'s tiny-task ratio to ``multiprocessing.Pool.map`` before and
-after insights existed, see RESULTS.md.)
+at most 10 % when on (issue 7); the relay of worker output costs nothing
+measurable when workers print nothing (issue 8: a process pool with
+``worker_output="relay"``, the default, against ``"inherit"``). (When *off*,
+insights cost one attribute check per piece of results: the "free when off"
+goal of <= 2 % is read from ``bench_core.py``'s tiny-task ratio to
+``multiprocessing.Pool.map`` before and after insights existed, see RESULTS.md.)
 
 Method (``shared/BENCHMARKING.md``): every contender runs in this one process,
 on warm default pools, repetitions interleaved round-robin in a varied order,
@@ -49,6 +51,30 @@ def variants(devnull: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(a) / statistics.median(b)
+
+
+def relay_cost(inputs: list[int], want: list[int], reps: int) -> dict[str, list[float]]:
+    """The same call on two process pools: workers' output relayed, or inherited."""
+    times: dict[str, list[float]] = {"relay": [], "inherit": []}
+    with (
+        fenfa.Pool("process", worker_output="relay") as relay,
+        fenfa.Pool("process", worker_output="inherit") as inherit,
+    ):
+        pools = {"relay": relay, "inherit": inherit}
+        for pool in pools.values():
+            assert pool.map(square, inputs) == want
+        for rep in range(reps):
+            for name in ("relay", "inherit") if rep % 2 == 0 else ("inherit", "relay"):
+                gc.collect()
+                start = time.perf_counter()
+                out = pools[name].map(square, inputs)
+                times[name].append(time.perf_counter() - start)
+                assert out == want
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20k tasks, 3 repetitions")
@@ -60,6 +86,7 @@ def main() -> int:
     inputs = list(range(tasks))
     want = [square(x) for x in inputs]
     load_before = os.getloadavg()
+    relay_times = relay_cost(inputs, want, reps)
     with open(os.devnull, "w") as devnull:
         options = variants(devnull)
         contenders = [(b, v) for b in BACKENDS for v in options]
@@ -102,6 +129,12 @@ def main() -> int:
             if variant != "both":
                 verdicts.append((backend, variant, ratio))
         print(f"| {backend} | " + " | ".join(cells) + " |")
+    relay, inherit = min(relay_times["relay"]), min(relay_times["inherit"])
+    print(
+        f"\nOutput relay (process pool, 2 workers, tasks print nothing): relay "
+        f"{relay * 1e3:.1f} ms, inherit {inherit * 1e3:.1f} ms: {relay / inherit:.2f}x "
+        f"(median {_median_ratio(relay_times['relay'], relay_times['inherit']):.2f}x)"
+    )
     print()
     met = [v for v in verdicts if v[2] <= GOAL]
     print(

@@ -164,6 +164,7 @@ class Insights:
     def __init__(self) -> None:
         self.decision: Decision | None = None
         self._pieces: list[_Piece] = []
+        self._raw: list[tuple[Any, ...]] = []  # pieces as recorded, not yet read
         self._lock = threading.Lock()
         self._calls = itertools.count(1)
 
@@ -171,12 +172,12 @@ class Insights:
         return f"<fenfa.Insights: {len(self)} tasks recorded>"
 
     def __len__(self) -> int:
-        with self._lock:
-            return sum(piece.count for piece in self._pieces)
+        return sum(piece.count for piece in self._snapshot())
 
     def clear(self) -> None:
         with self._lock:
             self._pieces.clear()
+            self._raw = []
 
     # -- recording (called by the call's run, in the caller) ------------
 
@@ -196,28 +197,40 @@ class Insights:
         first_input: str,
         first_of_batch: bool,
     ) -> None:
-        started, ended, cpu, who = times
-        piece = _Piece(
-            call,
-            start,
-            count,
-            who,
-            submitted,
-            started,
-            ended,
-            cpu,
-            attempt,
-            None if error is None else type(error).__name__,
-            first_input,
-            first_of_batch,
+        """One piece of results (called by the caller's thread, once per piece).
+
+        Kept raw (one tuple, made into a record when read): a call of tiny
+        tasks records hundreds of pieces, and this is on its path. (The
+        input's repr is made now: holding the input itself could hold
+        gigabytes.)
+        """
+        self._raw.append(
+            (call, start, count, times, submitted, attempt, error, first_input, first_of_batch)
         )
-        with self._lock:
-            self._pieces.append(piece)
 
     # -- reading ----------------------------------------------------------
 
     def _snapshot(self) -> list[_Piece]:
         with self._lock:
+            raw, self._raw = self._raw, []  # (list.append is atomic: no lock to add)
+            for call, start, count, times, submitted, attempt, error, text, first in raw:
+                started, ended, cpu, who = times
+                self._pieces.append(
+                    _Piece(
+                        call,
+                        start,
+                        count,
+                        who,
+                        submitted,
+                        started,
+                        ended,
+                        cpu,
+                        attempt,
+                        None if error is None else type(error).__name__,
+                        text,
+                        first,
+                    )
+                )
             return list(self._pieces)
 
     def records(self) -> list[TaskRecord]:

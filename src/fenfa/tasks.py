@@ -15,6 +15,7 @@ import enum
 import inspect
 import itertools
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 
 from .errors import RemoteTraceback, format_traceback
 from .sharing import Scope, handles_alive, resolve, resolve_function
-from .worker import current_worker
+from .worker import current_slot, current_worker
 
 
 class Style(enum.IntEnum):
@@ -67,9 +68,19 @@ Who = tuple[int | None, int, str, str, str | None]
 Times = tuple[float, float, float | None, Who]
 
 
+_who = threading.local()
+
+
 def who_runs() -> Who:
+    """Who this thread is, as insights record it (cached while its worker mark holds)."""
+    slot = current_slot()
+    cached = getattr(_who, "cached", None)
+    if cached is not None and cached[0] is slot and cached[1] == os.getpid():
+        return cached[2]  # type: ignore[no-any-return]
     me = current_worker()
-    return (me.id, me.pid, me.process_name, me.thread_name, me.backend)
+    who: Who = (me.id, me.pid, me.process_name, me.thread_name, me.backend)
+    _who.cached = (slot, me.pid, who)
+    return who
 
 
 class Stamper:

@@ -53,6 +53,12 @@ def set_slot(worker_id: int | None, backend: str | None, state: dict[str, Any]) 
     return previous
 
 
+def current_slot() -> _Slot | None:
+    """The calling thread's worker mark (an identity for caches), or None."""
+    slot: _Slot | None = getattr(_local, "slot", None)
+    return slot
+
+
 def restore_slot(previous: _Slot | None) -> None:
     _local.slot = previous
 
