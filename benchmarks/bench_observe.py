@@ -78,7 +78,7 @@ def relay_cost(inputs: list[int], want: list[int], reps: int) -> dict[str, list[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20k tasks, 3 repetitions")
-    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--tasks", type=int, default=200_000)
     args = parser.parse_args()
     tasks = 20_000 if args.quick else args.tasks
