@@ -270,6 +270,13 @@ class Insights:
             decision=self.decision,
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows the summary and the timeline inline."""
+        from .timeline import STYLE, fragment
+
+        body = fragment([("fenfa insights", self._snapshot(), self.summary())])
+        return f"<div class='fenfa-insights'><style>{STYLE}</style>{body}</div>"
+
     def to_html(self, path: str | os.PathLike[str], *, title: str = "fenfa timeline") -> str:
         """Write a self-contained HTML timeline (inline SVG, no scripts); returns the path."""
         from .timeline import render

@@ -4,11 +4,12 @@ Workers never touch the bar: the call's results come back to the caller's
 thread, which advances the bar by the number of tasks each piece of results
 covers (a batch of 10,000 tiny tasks is one update, so the bar costs next to
 nothing per task). The bar's postfix counts failed tasks (after retries).
-``tqdm.auto`` draws a widget in notebooks and text elsewhere.
+A widget in notebooks (with ipywidgets), text elsewhere.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,12 +27,32 @@ def check_progress(value: object) -> None:
     )
 
 
+def _bar_class() -> Any:
+    """tqdm's notebook widget in a Jupyter kernel that has ipywidgets; its text bar elsewhere.
+
+    (Not ``tqdm.auto``: without ipywidgets it warns "IProgress not found" in
+    the cell before falling back to text.)
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+        try:
+            import ipywidgets  # type: ignore[import-not-found]  # noqa: F401
+            from tqdm.notebook import tqdm as notebook_bar  # type: ignore[import-untyped]
+        except ImportError:
+            pass
+        else:
+            return notebook_bar
+    from tqdm.std import tqdm as text_bar  # type: ignore[import-untyped]
+
+    return text_bar
+
+
 class Progress:
     """A bar for one call."""
 
     def __init__(self, spec: bool | dict[str, Any], total: int | None, fn: Callable[..., Any]):
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
+        tqdm = _bar_class()
         options: dict[str, Any] = {
             "total": total,
             "unit": "task",

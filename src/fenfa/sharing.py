@@ -595,8 +595,16 @@ class _SharingPickler(cloudpickle.Pickler):  # type: ignore[misc]
         return super().reducer_override(obj)
 
 
+class _ByValue(Exception):
+    """A class or function of ``__main__``: the standard pickle would name it."""
+
+
 class _PlainSharingPickler(pickle.Pickler):
-    """The standard pickler (fast, no lambdas), sharing large plain arrays."""
+    """The standard pickler (fast, no lambdas), sharing large plain arrays.
+
+    (Not called for ints, strs, tuples, lists, dicts...: the C pickler saves
+    those itself, so the tiny-task path pays ~1 us per batch for it.)
+    """
 
     def __init__(self, file: io.BytesIO, scope: Scope) -> None:
         super().__init__(file, protocol=5)
@@ -605,23 +613,23 @@ class _PlainSharingPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if _is_plain_array(obj) and obj.nbytes >= AUTO_SHARE_BYTES:
             return self.scope.reduce(obj)
+        if isinstance(obj, type | types.FunctionType) and obj.__module__ == "__main__":
+            # Pickled by name, a class or function defined in a notebook cell (or
+            # in a script a worker did not import) is missing in the worker:
+            # "Can't get attribute 'Box' on <module '__main__'>". By value, then.
+            raise _ByValue
         return NotImplemented
 
 
 def dumps_sharing(obj: Any, scope: Scope) -> bytes:
-    """Pickle ``obj`` for a process worker, sharing large arrays within ``scope``.
-
-    Without NumPy imported there is no array to share: plain ``pickle.dumps``.
-    """
-    if _ndarray_type() is None:
-        return pickle.dumps(obj, protocol=5)
+    """Pickle ``obj`` for a process worker, sharing large arrays within ``scope``."""
     buffer = io.BytesIO()
     _PlainSharingPickler(buffer, scope).dump(obj)
     return buffer.getvalue()
 
 
 def dumps_items(obj: Any, scope: Scope) -> bytes:
-    """Like :func:`dumps_sharing`, with cloudpickle (lambdas...) when pickle fails."""
+    """Like :func:`dumps_sharing`, with cloudpickle (lambdas, ``__main__``) when needed."""
     try:
         return dumps_sharing(obj, scope)
     except Exception:

@@ -27,14 +27,16 @@ AXIS = 24
 
 OK, RETRIED, FAILED = "#43a047", "#fb8c00", "#e53935"
 
+# Scoped to the wrapper: embedded in a notebook, it must not restyle the page.
 STYLE = """
-body { font: 13px system-ui, sans-serif; margin: 1.5em; color: #222; }
-h2 { font-size: 16px; margin: 1.4em 0 0.4em; }
-table { border-collapse: collapse; margin: 0.4em 0 0.8em; }
-td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-.note { color: #555; }
-svg text { font: 11px system-ui, sans-serif; fill: #333; }
+.fenfa-insights { font: 13px system-ui, sans-serif; color: #222; }
+.fenfa-insights h2 { font-size: 16px; margin: 1.4em 0 0.4em; }
+.fenfa-insights table { border-collapse: collapse; margin: 0.4em 0 0.8em; }
+.fenfa-insights td, .fenfa-insights th {
+  border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
+.fenfa-insights th:first-child, .fenfa-insights td:first-child { text-align: left; }
+.fenfa-insights .note { color: #555; }
+.fenfa-insights svg text { font: 11px system-ui, sans-serif; fill: #333; }
 """
 
 
@@ -227,6 +229,16 @@ def _aggregate(out: list[str], group: list[_Piece], y: int, origin: float, scale
 
 def render(runs: Sequence[tuple[str, Sequence[_Piece], Summary]]) -> str:
     """A whole HTML page: for each run, its summary and its timeline."""
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_e(runs[0][0] if runs else 'fenfa')}</title><style>{STYLE}</style></head>"
+        f"<body style='margin: 1.5em'><div class='fenfa-insights'>{fragment(runs)}</div>"
+        "</body></html>\n"
+    )
+
+
+def fragment(runs: Sequence[tuple[str, Sequence[_Piece], Summary]]) -> str:
+    """The same, as a fragment to embed (a notebook cell's output)."""
     body = []
     for title, pieces, summary in runs:
         svg, _lanes, _bars = _svg(pieces)
@@ -237,11 +249,7 @@ def render(runs: Sequence[tuple[str, Sequence[_Piece], Summary]]) -> str:
         f'<span style="color:{FAILED}">&#9632; failed</span>; faded bars stand for many '
         "tasks too short to draw one by one. Hover a bar for its tasks and times.</p>"
     )
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{_e(runs[0][0] if runs else 'fenfa')}</title><style>{STYLE}</style></head>"
-        f"<body>{legend}{''.join(body)}</body></html>\n"
-    )
+    return f"{legend}{''.join(body)}"
 
 
-__all__ = ["render"]
+__all__ = ["fragment", "render"]
