@@ -966,3 +966,33 @@ def test_a_failing_initializer_is_reported_once_without_a_respawn_loop(
         took = time.monotonic() - start
     assert took < 5, f"shutdown took {took:.2f} s"
     assert len(list(tmp_path.glob("init-*"))) <= 2 * workers + 2
+
+
+# ------------------------------------------------ a script named like a standard-library module
+
+SHADOW_SCRIPT = """
+import fenfa
+
+def double(x):
+    return 2 * x
+
+if __name__ == "__main__":
+    with fenfa.Pool("process", 2, start_method="spawn") as pool:
+        print(pool.map(double, range(4)))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["queue", "select", "signal"])
+def test_a_file_named_like_a_standard_module_is_named_in_the_error(
+    name: str, tmp_path: Path
+) -> None:
+    (tmp_path / f"{name}.py").write_text("x = 1\n")
+    with script(tmp_path, SHADOW_SCRIPT) as proc:
+        assert proc.wait(timeout=50) != 0
+    stderr = (tmp_path / "stderr").read_text()
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: "), stderr
+    assert str(tmp_path / f"{name}.py") in last
+    assert f"standard-library module ('{name}')" in last
+    assert f"my_{name}.py" in last

@@ -116,6 +116,14 @@ def exit_description(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+# The two-line fix, as the user would type it.
+MAIN_GUARD_FIX = (
+    " Put the code that starts work under the main guard:\n\n"
+    '    if __name__ == "__main__":\n'
+    "        main()   # or the calls themselves, indented\n"
+)
+
+
 def _main_guard_hint(method: str) -> str:
     path = getattr(sys.modules.get("__main__"), "__file__", None)
     if method == "fork" or path is None:
@@ -123,7 +131,7 @@ def _main_guard_hint(method: str) -> str:
     return (
         f" Under the '{method}' start method each worker first re-imports your main "
         f"script ({path}); if that script starts work at import time, every worker fails "
-        f'this way: put that code under `if __name__ == "__main__":`.'
+        "this way." + MAIN_GUARD_FIX
     )
 
 
@@ -258,7 +266,8 @@ class ProcessBackend(Backend):
             # and that script starts a pool at import time.
             raise FenfaError(
                 "a process pool was started while a worker process was importing the main "
-                'script: put the code that starts work under `if __name__ == "__main__":`'
+                "script (each worker imports it under the forkserver and spawn start "
+                "methods, so the script's top-level code runs again there)." + MAIN_GUARD_FIX
             )
         method = start_method or DEFAULT_START_METHOD
         self._ctx = multiprocessing.get_context(method)
@@ -293,12 +302,19 @@ class ProcessBackend(Backend):
         os.set_blocking(self._wake_w, False)
         # Only this process holds the write end: its death is the workers' cue.
         self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
-        for _ in range(workers):
-            self._start_worker()
-        self._manager = threading.Thread(
-            target=self._manage, daemon=True, name="fenfa-process-manager"
-        )
-        self._manager.start()
+        try:
+            for _ in range(workers):
+                self._start_worker()
+            self._manager = threading.Thread(
+                target=self._manage, daemon=True, name="fenfa-process-manager"
+            )
+            self._manager.start()
+        except BaseException:
+            # Nobody will ever stop the workers already started: stop them now,
+            # or interpreter exit waits for them (multiprocessing joins its
+            # children) and the script hangs after printing its error.
+            self._stop_started_workers()
+            raise
         _live.add(self)
         sharing.add_listener(self)
 
@@ -326,10 +342,34 @@ class ProcessBackend(Backend):
             process.start()
         finally:
             child_conn.close()
-        worker = _Worker(worker_id, process, parent_conn)
+        try:
+            worker = _Worker(worker_id, process, parent_conn)
+        except BaseException:
+            process.kill()
+            process.join()
+            parent_conn.close()
+            raise
         worker.sender.start()
         with self._lock:
             self._workers[worker_id] = worker
+
+    def _stop_started_workers(self) -> None:
+        """Kill and reap the workers of a backend that failed to start."""
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+            self._stopped = True
+        for worker in workers:
+            worker.kill(None)
+            worker.process.join()
+            worker.outbox.put(None)
+            worker.sender.join()
+            worker.conn.close()
+            worker.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._lifeline_w.close()
+        self._lifeline_r.close()
 
     def _wake(self) -> None:
         with self._lock, contextlib.suppress(BlockingIOError):
