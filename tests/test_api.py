@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -526,3 +527,25 @@ def test_executor_works_with_run_in_executor(backend: str) -> None:
 
     with make_executor(backend) as ex:
         assert asyncio.run(main(ex)) == [i * i for i in range(8)]
+
+
+def test_a_thread_task_can_see_that_its_call_was_given_up() -> None:
+    # Threads cannot be stopped from outside: a long task may look at
+    # current_worker().cancelled and return early (issue 8: after an interrupt).
+    noticed = threading.Event()
+
+    def patient(x: int) -> int:
+        if x == 0:
+            return 0
+        deadline = time.monotonic() + 10
+        while not fenfa.current_worker().cancelled and time.monotonic() < deadline:
+            time.sleep(0.002)  # the task's own polling, not the test's synchronisation
+        if fenfa.current_worker().cancelled:
+            noticed.set()
+        return x
+
+    assert fenfa.current_worker().cancelled is False
+    results = fenfa.imap(patient, range(3), backend="thread", workers=2, chunksize=1)
+    assert next(results) == 0
+    results.close()  # type: ignore[attr-defined]
+    assert noticed.wait(5), "the running task never saw its call cancelled"

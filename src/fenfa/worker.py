@@ -24,6 +24,11 @@ class WorkerInfo:
 
     ``state`` is a dict that lives as long as the worker: put a connection or
     a loaded model there (an ``initializer`` can fill it before the first task).
+    ``cancelled`` turns True when the call of the task now running was given
+    up (Ctrl-C, a kernel interrupt, ``break``, a shutdown that cancels): a
+    thread cannot be stopped from outside, so a long task on the thread or
+    serial backend may look at it, from a fresh ``current_worker()``, and
+    return early. (Process workers are killed instead.)
     """
 
     id: int | None
@@ -32,15 +37,17 @@ class WorkerInfo:
     thread_name: str
     backend: str | None
     state: dict[str, Any] = field(repr=False, compare=False)
+    cancelled: bool = field(default=False, repr=False, compare=False)
 
 
 class _Slot:
-    __slots__ = ("backend", "id", "state")
+    __slots__ = ("backend", "id", "job", "state")
 
     def __init__(self, worker_id: int | None, backend: str | None, state: dict[str, Any]) -> None:
         self.id = worker_id
         self.backend = backend
         self.state = state
+        self.job: Any = None  # the job whose task this thread runs (has .cancelled)
 
 
 _local = threading.local()
@@ -51,6 +58,13 @@ def set_slot(worker_id: int | None, backend: str | None, state: dict[str, Any]) 
     previous: _Slot | None = getattr(_local, "slot", None)
     _local.slot = _Slot(worker_id, backend, state)
     return previous
+
+
+def running(job: Any) -> None:
+    """Mark which job's tasks the calling (worker) thread runs now; None when idle."""
+    slot: _Slot | None = getattr(_local, "slot", None)
+    if slot is not None:
+        slot.job = job
 
 
 def current_slot() -> _Slot | None:
@@ -78,4 +92,5 @@ def current_worker() -> WorkerInfo:
         thread_name=threading.current_thread().name,
         backend=slot.backend,
         state=slot.state,
+        cancelled=bool(getattr(slot.job, "cancelled", False)),
     )

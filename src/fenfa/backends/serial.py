@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import TaskTimeout
 from ..tasks import Batch, Err, Ok, Piece, attach_traceback, caller, run_batch, stamped
-from ..worker import restore_slot, set_slot
+from ..worker import restore_slot, running, set_slot
 from .base import Backend
 from .thread import fail_batch
 
@@ -78,6 +78,7 @@ class SerialBackend(Backend):
             return
         pieces: list[Piece] = []
         previous = set_slot(0, self.name, self._state)
+        running(job)
         try:
             if not self._started:
                 self._started = True

@@ -17,11 +17,12 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import PoolClosed, TaskTimeout
 from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, run_batch, stamped
-from ..worker import set_slot
+from ..worker import running, set_slot
 from .base import Backend
 
 # shutdown(cancel_futures=True): how long running tasks may take before their
@@ -169,6 +170,14 @@ class ThreadBackend(Backend):
         """Run one batch; the number of tasks run, or None if this thread was abandoned."""
         job = batch.job
         call = caller(job.fn, job.style)
+        running(job)  # (current_worker().cancelled reads it)
+        try:
+            return self._run_batch(slot, batch, call)
+        finally:
+            running(None)
+
+    def _run_batch(self, slot: _Slot, batch: Batch, call: Callable[[Any], Any]) -> int | None:
+        job = batch.job
         if job.timeout is None:
             with self._lock:
                 slot.batch = batch
