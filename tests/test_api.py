@@ -30,6 +30,7 @@ PUBLIC_NAMES = [
     "Pool",
     "PoolClosed",
     "SerializationError",
+    "ShellResult",
     "Shared",
     "Summary",
     "TaskRecord",
@@ -45,6 +46,7 @@ PUBLIC_NAMES = [
     "map",
     "run",
     "share",
+    "shell",
     "starmap",
 ]
 

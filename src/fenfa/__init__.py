@@ -20,6 +20,7 @@ try:
     from .insights import Insights, Summary, TaskRecord
     from .pool import Pool
     from .sharing import Shared, share
+    from .shell import ShellResult, shell
     from .worker import WorkerInfo, current_worker
 except (AttributeError, ImportError):
     # A standard-library module came from a file beside the user's script:
@@ -52,6 +53,7 @@ __all__ = [
     "PoolClosed",
     "SerializationError",
     "Shared",
+    "ShellResult",
     "Summary",
     "TaskRecord",
     "TaskTimeout",
@@ -66,5 +68,6 @@ __all__ = [
     "map",
     "run",
     "share",
+    "shell",
     "starmap",
 ]

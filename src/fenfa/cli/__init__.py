@@ -16,12 +16,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench.add_parser(commands)
     advise.add_parser(commands)
+    commands.add_parser(
+        "run",
+        help="run shell commands in parallel, GNU parallel style (fenfa run --help)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["run"]:
+        # GNU parallel's syntax (COMMAND ::: ARGS, options that look like the
+        # command's own) is not argparse's: `fenfa run` parses its own.
+        from . import run
+
+        try:
+            return run.main(args_list[1:])
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         code: int = args.handler(args)
     except KeyboardInterrupt:

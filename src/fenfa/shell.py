@@ -1,0 +1,221 @@
+"""``fenfa.shell()``: one command in a subprocess, as a task function.
+
+Every command starts a new session, so it leads its own process group: on a
+timeout, or when the task that waits for it is cancelled, the whole group is
+killed, grandchildren included (``sh -c 'sleep 100 & wait'`` leaves nothing
+behind). Output is captured as bytes; ``ShellResult.text`` decodes it.
+
+Started with ``start_new_session`` and no ``preexec_fn``, so CPython starts
+it with ``vfork()``: the cheapest start there is (a ``preexec_fn`` would
+force a full ``fork()``). A command string runs under ``/bin/sh -c``; a list
+runs as is.
+
+Groups started here are registered with a *guard* while they run: a small
+process that outlives this one only long enough to kill every registered
+group when this process dies, even by SIGKILL (see :func:`start_guard`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .worker import current_worker
+
+__all__ = ["ShellResult", "shell", "start_guard"]
+
+# How often a waiting shell() looks whether its task was given up.
+CANCEL_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    """What a command did: ``args``, ``returncode``, ``stdout``, ``stderr`` (bytes), ``duration``.
+
+    ``returncode`` is negative when a signal ended the command (as in
+    ``subprocess``); ``signal`` then names it.
+    """
+
+    args: str | list[str]
+    returncode: int
+    stdout: bytes = field(repr=False)
+    stderr: bytes = field(repr=False)
+    duration: float
+
+    @property
+    def text(self) -> str:
+        """``stdout`` decoded (UTF-8, undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def error_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+    @property
+    def signal(self) -> int | None:
+        return -self.returncode if self.returncode < 0 else None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def check_returncode(self) -> None:
+        if self.returncode:
+            raise subprocess.CalledProcessError(
+                self.returncode, self.args, self.stdout, self.stderr
+            )
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def shell(
+    cmd: str | Sequence[str],
+    *,
+    timeout: float | None = None,
+    check: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    input: bytes | str | None = None,
+) -> ShellResult:
+    """Run ``cmd`` (a string for ``/bin/sh -c``, or a list of arguments) and wait for it.
+
+    ``timeout``: seconds; on expiry the command's whole process group is
+    killed and ``subprocess.TimeoutExpired`` is raised (with what it had
+    printed). ``check=True`` raises ``subprocess.CalledProcessError`` for a
+    non-zero exit. In a fenfa task whose call is given up (Ctrl-C, ``break``),
+    the group is killed too and the task ends.
+    """
+    args: str | list[str] = cmd if isinstance(cmd, str) else list(cmd)
+    data = input.encode() if isinstance(input, str) else input
+    start = time.monotonic()
+    process = subprocess.Popen(
+        args,
+        shell=isinstance(args, str),
+        stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
+    )
+    pgid = process.pid  # a new session: its leader's pid is the group's id
+    _guard_add(pgid)
+    try:
+        stdout, stderr = _wait(process, data, timeout, start)
+    except BaseException:
+        kill_group(pgid)
+        with contextlib.suppress(Exception):
+            process.communicate(timeout=1)
+        raise
+    finally:
+        _guard_remove(pgid)
+    # The leader is done; anything it left running in its group goes too.
+    kill_group(pgid)
+    result = ShellResult(args, process.returncode, stdout, stderr, time.monotonic() - start)
+    if check:
+        result.check_returncode()
+    return result
+
+
+def _wait(
+    process: subprocess.Popen[bytes], data: bytes | None, timeout: float | None, start: float
+) -> tuple[bytes, bytes]:
+    """``communicate()``, in slices when the task may be cancelled meanwhile."""
+    me = current_worker()
+    if me.backend not in ("thread", "serial"):
+        return process.communicate(data, timeout=timeout)
+    # A thread cannot be interrupted: look at the call's flag now and then.
+    first = True
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - start)
+        step = CANCEL_POLL_SECONDS if left is None else max(0.0, min(left, CANCEL_POLL_SECONDS))
+        try:
+            return process.communicate(data if first else None, timeout=step)
+        except subprocess.TimeoutExpired:
+            first = False
+            if left is not None and left <= step:
+                raise subprocess.TimeoutExpired(process.args, timeout or 0.0) from None
+            if current_worker().cancelled:
+                raise KeyboardInterrupt("the call was given up") from None
+
+
+# -- the guard: kill our groups if we die ---------------------------------------
+
+_guard_lock = threading.Lock()
+_guard_fd: int | None = None
+
+
+def start_guard() -> None:
+    """Start the guard process (once): it kills every registered group when we die.
+
+    It reads ``+pgid`` / ``-pgid`` lines from a pipe only this process
+    writes; end of file means this process is gone, and it kills what is
+    still registered. Costs one small process per run and one short write
+    per command. Call it early, while the process has one thread.
+    """
+    global _guard_fd
+    with _guard_lock:
+        if _guard_fd is not None:
+            return
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the guard
+            try:
+                os.close(write_end)
+                os.setsid()  # out of the caller's group: a Ctrl-C there is not for it
+                _guard_main(read_end)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        _guard_fd = write_end
+
+
+def _guard_main(read_end: int) -> None:
+    for fd in range(3, 256):  # hold nothing of the caller's open (pipes, sockets)
+        if fd != read_end:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    live: set[int] = set()
+    pending = b""
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"+"):
+                live.add(int(line[1:]))
+            elif line.startswith(b"-"):
+                live.discard(int(line[1:]))
+    for pgid in live:
+        kill_group(pgid)
+
+
+def _guard_send(message: bytes) -> None:
+    fd = _guard_fd
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, message)
+
+
+def _guard_add(pgid: int) -> None:
+    _guard_send(b"+%d\n" % pgid)
+
+
+def _guard_remove(pgid: int) -> None:
+    _guard_send(b"-%d\n" % pgid)
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("fenfa.shell needs a POSIX system")
