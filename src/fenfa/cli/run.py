@@ -313,7 +313,11 @@ class Runner:
             else None
         )
         self.results = journal.Journal(options.results) if options.results else None
-        self.stop_starting = threading.Event()  # --halt soon: no new jobs
+        # --halt: set by the job that meets the condition, so no job starts
+        # after it (the workers run ahead of the printing loop).
+        self.stop_starting = threading.Event()
+        self._lock = threading.Lock()
+        self.failed = self.succeeded = 0
 
     def close(self) -> None:
         for log in (self.joblog, self.results):
@@ -338,7 +342,20 @@ class Runner:
             self._log(done, time.time() - start)
             if not done.failed or attempt > self.options.retries:
                 self._record(done)
+                self._count(done)
                 return done
+
+    def _count(self, done: Done) -> None:
+        with self._lock:
+            if done.failed:
+                self.failed += 1
+            else:
+                self.succeeded += 1
+            halt = self.options.halt
+            if halt is not None:
+                _when, what, count = halt
+                if (self.failed if what == "fail" else self.succeeded) >= count:
+                    self.stop_starting.set()
 
     def _log(self, done: Done, runtime: float) -> None:
         if self.joblog is None:
@@ -432,7 +449,6 @@ def _run(options: Options, template: str) -> int:
     start_guard()  # before the worker threads start: it forks
     runner = Runner(options, template)
     failed = succeeded = 0
-    halted = False
     call = imap if options.keep_order else imap_unordered
     results: Iterable[Done] = call(
         runner.run_job,
@@ -447,17 +463,12 @@ def _run(options: Options, template: str) -> int:
             if done.skipped:
                 continue
             _emit(done)
-            if done.failed:
-                failed += 1
-            else:
-                succeeded += 1
-            if options.halt is not None and not halted:
-                when, what, count = options.halt
+            failed += done.failed
+            succeeded += not done.failed
+            if options.halt is not None and options.halt[0] == "now":
+                _when, what, count = options.halt
                 if (failed if what == "fail" else succeeded) >= count:
-                    halted = True
-                    runner.stop_starting.set()
-                    if when == "now":
-                        break  # leaving the loop cancels the call: running jobs are killed
+                    break  # leaving the loop cancels the call: running jobs are killed
     finally:
         close = getattr(results, "close", None)
         if close is not None:
