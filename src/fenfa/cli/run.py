@@ -44,7 +44,7 @@ from .. import journal
 from ..api import imap, imap_unordered
 from ..backends import usable_cores
 from ..shell import ShellResult, shell, start_guard
-from ..worker import current_worker
+from ..worker import current_slot
 
 USAGE = "usage: fenfa run [OPTIONS] COMMAND [::: ARGS... | :::: FILE...]  (fenfa run --help)"
 MAX_EXIT = 101
@@ -326,7 +326,8 @@ class Runner:
 
     def run_job(self, job: Job) -> Done:
         """A task on a worker thread: every attempt, journaled as it ends."""
-        slot = (current_worker().id or 0) + 1
+        mark = current_slot()
+        slot = (mark.id if mark is not None and mark.id is not None else 0) + 1
         command = render(self.template, job.values, job.seq, slot)
         if self.stop_starting.is_set():
             return Done(job, command, None, 0, time.time(), skipped=True)
