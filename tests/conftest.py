@@ -34,8 +34,11 @@ BACKENDS = ["serial", "thread", "process"]
 LEAK_DEADLINE = 5.0
 
 #: Threads a library starts once and keeps for the life of the process, by
-#: design: tqdm's monitor (started with the first progress bar).
-LONG_LIVED_THREADS = {"tqdm_monitor"}
+#: design: tqdm's monitor (started with the first progress bar); dask's
+#: process-wide executors, module or class attributes never shut down: the one
+#: that runs every Future's done-callbacks (the dask backend reports through
+#: it) and the one that (de)serializes large messages off the event loop.
+LONG_LIVED_THREADS = {"tqdm_monitor", "Dask-Callback-Thread_0", "Dask-Offload_0"}
 
 
 def _helper_pids() -> set[int]:

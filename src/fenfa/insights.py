@@ -34,7 +34,7 @@ class TaskRecord:
 
     index: int
     call: int  # which call of the pool (1, 2, ...) it belonged to
-    worker: int | None
+    worker: int | str | None  # a dask worker's id is its address
     pid: int
     process_name: str
     thread_name: str
@@ -60,7 +60,7 @@ class _Piece:
     call: int
     start: int
     count: int
-    who: tuple[int | None, int, str, str, str | None]
+    who: tuple[int | str | None, int, str, str, str | None]
     submitted: float | None
     started: float
     ended: float

@@ -21,6 +21,7 @@ POOL_ONLY_OPTIONS = (
     "max_tasks_per_worker",
     "native_threads",
     "worker_output",
+    "address",
 )
 START_METHODS = ("fork", "forkserver", "spawn")
 WORKER_OUTPUT = ("relay", "inherit")

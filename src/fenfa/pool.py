@@ -137,8 +137,14 @@ class Pool:
         max_tasks_per_worker: int | None = None,
         native_threads: int | str | bool = "auto",
         worker_output: str = "relay",
+        address: str | None = None,
     ) -> None:
         positive("workers", workers)
+        if address is not None and not isinstance(address, str):
+            raise ValueError(
+                f"address must be a dask scheduler address such as 'tcp://host:8786', "
+                f"got {address!r}"
+            )
         check_native_threads(native_threads)
         if worker_output not in WORKER_OUTPUT:
             raise ValueError(
@@ -162,9 +168,12 @@ class Pool:
             "start_method": start_method,
             "native_threads": native_threads,
             "worker_output": worker_output,
+            "address": address,
         }
         #: The resolved backend; "auto" until the first call has been measured.
         self.backend: str = resolve_backend(backend, workers)
+        if address is not None and self.backend != "dask":
+            raise ValueError(f"address is an option of the 'dask' backend, not {backend!r}")
         #: The number of workers (None while "auto" is undecided).
         self.workers: int | None = workers
         #: ``insights.decision``: what "auto" chose, and the evidence.
@@ -202,6 +211,10 @@ class Pool:
             del options["start_method"]
             del options["native_threads"]
             del options["worker_output"]
+        if name == "dask":
+            options["workers_from_cluster"] = self.workers is None
+        else:
+            del options["address"]
         count = self.workers if self.workers is not None else default_workers(name)
         try:
             backend = backend_class(name)(count, **options)

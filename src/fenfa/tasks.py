@@ -61,7 +61,7 @@ class Err:
 
 
 # Who ran a piece: worker id, pid, process name, thread name, backend.
-Who = tuple[int | None, int, str, str, str | None]
+Who = tuple[int | str | None, int, str, str, str | None]
 # When it ran: start and end (time.monotonic, one clock for every process on
 # the machine), CPU seconds of the thread that ran it (None: not measurable,
 # as for coroutines sharing a loop), and who.
@@ -128,6 +128,7 @@ class Job:
         "deliver",
         "fn",
         "payload",
+        "remote",
         "shares",
         "stop_on_error",
         "style",
@@ -152,6 +153,9 @@ class Job:
         # (key, pickled fn), filled by a process backend the first time it
         # needs it, so the function is pickled once per call, not per batch.
         self.payload: tuple[bytes, bytes] | None = None
+        # What a cluster backend keeps per call (dask: the function as sent,
+        # once per call, and the shared handles it refers to).
+        self.remote: Any = None
         # The arrays this call shares with process workers on its own (made
         # by the first batch that needs it), released when the call ends.
         self.shares: Scope | None = None

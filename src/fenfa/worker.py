@@ -29,9 +29,13 @@ class WorkerInfo:
     thread cannot be stopped from outside, so a long task on the thread or
     serial backend may look at it, from a fresh ``current_worker()``, and
     return early. (Process workers are killed instead.)
+
+    ``id`` is a small int on the local backends; on the dask backend it is
+    the dask worker's address (``"tcp://10.0.0.5:40231"``), and ``state``
+    lives as long as that worker process.
     """
 
-    id: int | None
+    id: int | str | None
     pid: int
     process_name: str
     thread_name: str
@@ -41,22 +45,36 @@ class WorkerInfo:
 
 
 class _Slot:
-    __slots__ = ("backend", "id", "job", "state")
+    __slots__ = ("address", "backend", "id", "job", "state")
 
-    def __init__(self, worker_id: int | None, backend: str | None, state: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        worker_id: int | None,
+        backend: str | None,
+        state: dict[str, Any],
+        address: str | None = None,
+    ) -> None:
         self.id = worker_id
         self.backend = backend
         self.state = state
+        # A worker known by its address instead of a number (a dask worker).
+        self.address = address
         self.job: Any = None  # the job whose task this thread runs (has .cancelled)
 
 
 _local = threading.local()
 
 
-def set_slot(worker_id: int | None, backend: str | None, state: dict[str, Any]) -> _Slot | None:
-    """Mark the calling thread as a worker; returns the previous mark."""
+def set_slot(
+    worker_id: int | None, backend: str | None, state: dict[str, Any], address: str | None = None
+) -> _Slot | None:
+    """Mark the calling thread as a worker; returns the previous mark.
+
+    A worker with an ``address`` (a dask worker) is known by it: it becomes
+    ``current_worker().id``.
+    """
     previous: _Slot | None = getattr(_local, "slot", None)
-    _local.slot = _Slot(worker_id, backend, state)
+    _local.slot = _Slot(worker_id, backend, state, address)
     return previous
 
 
@@ -86,7 +104,7 @@ def current_worker() -> WorkerInfo:
         slot = _Slot(None, None, {})
         _local.slot = slot
     return WorkerInfo(
-        id=slot.id,
+        id=slot.id if slot.address is None else slot.address,
         pid=os.getpid(),
         process_name=multiprocessing.current_process().name,
         thread_name=threading.current_thread().name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 
+from ..errors import BackendUnavailable
 from .base import Backend
 
 # name -> (module, class, the extra that provides its dependencies)
@@ -16,9 +17,10 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "thread": ("thread", "ThreadBackend", None),
     "process": ("process", "ProcessBackend", None),
     "async": ("asyncio", "AsyncBackend", None),
+    "dask": ("dask", "DaskBackend", "dask"),
 }
 # Named by the design but not built yet; asking for one says so plainly.
-_PLANNED = ("dask",)
+_PLANNED: tuple[str, ...] = ()
 
 BACKENDS = ("auto", *_REGISTRY)
 
@@ -40,7 +42,9 @@ def usable_cores() -> int:
 def default_workers(backend: str) -> int:
     if backend == "serial":
         return 1
-    if backend == "process":
+    if backend in ("process", "dask"):
+        # (dask: the size of the local cluster a pool starts; a pool connected
+        # to a scheduler by address counts the cluster's threads instead.)
         return usable_cores()
     if backend == "async":
         return ASYNC_CONCURRENCY
@@ -60,8 +64,16 @@ def check_name(name: object) -> str:
 
 
 def backend_class(name: str) -> type[Backend]:
-    module_name, class_name, _extra = _REGISTRY[name]
-    module = importlib.import_module(f"{__name__}.{module_name}")
+    module_name, class_name, extra = _REGISTRY[name]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ImportError as exc:
+        if extra is None or exc.name is None or exc.name.startswith("fenfa"):
+            raise
+        raise BackendUnavailable(
+            f"the {name!r} backend needs the {extra!r} extra ({exc.name} is not "
+            f"installed): pip install fenfa[{extra}]"
+        ) from exc
     cls: type[Backend] = getattr(module, class_name)
     return cls
 

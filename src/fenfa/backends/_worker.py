@@ -123,6 +123,41 @@ def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], b
 Span = tuple[int, int, bool, Any]
 
 
+def fail_unpicklable(pieces: list[Piece], dumps: Callable[[Any], bytes]) -> list[Piece]:
+    """``pieces`` with each result that ``dumps`` refuses replaced by its own failure.
+
+    The slow path, taken once a batch's results failed to pickle together:
+    the one bad value fails its task, its neighbours still succeed. A
+    piece's times (insights) are shared out evenly among its tasks.
+    """
+    fixed: list[Piece] = []
+    for piece in pieces:
+        if isinstance(piece, Err):
+            fixed.append(piece)
+            continue
+        count = len(piece.values)
+        for offset, value in enumerate(piece.values):
+            index = piece.start + offset
+            try:
+                dumps(value)
+            except Exception as exc:
+                error = SerializationError(
+                    f"the result of task {index} could not be pickled: {type(exc).__name__}: {exc}",
+                    index=index,
+                    what="result",
+                )
+                one: Piece = Err(index, pack_exception(error))
+            else:
+                one = Ok(index, [value])
+            if piece.times is not None:
+                began, ended, cpu, who = piece.times
+                step = (ended - began) / count
+                share = None if cpu is None else cpu / count
+                one.times = (began + offset * step, began + (offset + 1) * step, share, who)
+            fixed.append(one)
+    return fixed
+
+
 def _spans(pieces: list[Piece]) -> list[Span]:
     return [
         (p.start, len(p.values), True, p.times)
@@ -147,25 +182,7 @@ def encode_results(pieces: list[Piece]) -> Encoded:
         return spans, dumps(payloads, buffers), buffers
     except Exception:
         buffers.clear()
-    # Slow path: find the values that do not pickle and fail those tasks alone.
-    fixed: list[Piece] = []
-    for piece in pieces:
-        if isinstance(piece, Err):
-            fixed.append(piece)
-            continue
-        for offset, value in enumerate(piece.values):
-            index = piece.start + offset
-            try:
-                dumps(value)
-            except Exception as exc:
-                error = SerializationError(
-                    f"the result of task {index} could not be pickled: {type(exc).__name__}: {exc}",
-                    index=index,
-                    what="result",
-                )
-                fixed.append(Err(index, pack_exception(error)))
-            else:
-                fixed.append(Ok(index, [value]))
+    fixed = fail_unpicklable(pieces, dumps)
     spans = _spans(fixed)
     body = dumps([p.values if isinstance(p, Ok) else p.error for p in fixed], buffers)
     return spans, body, buffers
