@@ -8,6 +8,7 @@ fails, even when everything it asserted was right.
 from __future__ import annotations
 
 import gc
+import importlib
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
@@ -78,12 +79,16 @@ def _segments() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves new threads, child processes or shared segments behind.
 
     Module-level calls (``fenfa.map`` ...) keep a default pool alive on
     purpose, so those are shut down first; whatever is left after that is a leak.
+    The session's dask cluster is not the test's: it is started before the count.
     """
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "dask":
+        request.getfixturevalue("dask_cluster")
     me = psutil.Process()
     threads_before = set(threading.enumerate())
     children_before = {p.pid for p in me.children(recursive=True)}
@@ -140,8 +145,34 @@ def release(tmp_path: Path) -> Iterator[Path]:
         watchdog.join()
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """The name of the backend under test; serial is the oracle."""
+@pytest.fixture(params=[*BACKENDS, "dask"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The name of the backend under test; serial is the oracle.
+
+    On ``dask`` the pools the test makes connect to one ``LocalCluster`` for
+    the session (through Dask's own ``scheduler-address`` setting), so that a
+    cluster is not started per test; without ``distributed``, dask is skipped.
+    """
     name: str = request.param
-    return name
+    if name != "dask":
+        yield name
+        return
+    address = request.getfixturevalue("dask_cluster")
+    dask_config = importlib.import_module("dask.config")
+    with dask_config.set({"scheduler-address": address}):
+        yield name
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[str]:
+    """The address of a 2-worker dask ``LocalCluster`` (processes, one thread each)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    ) as cluster:
+        yield cluster.scheduler_address

@@ -92,6 +92,10 @@ def total(data: Any, x: int) -> int:
     return int(sum(bytes(data[:4]))) + x
 
 
+def pick(array: Any, x: int) -> float:
+    return float(array[x]) + x
+
+
 def unpicklable_at_two(x: int) -> Any:
     return threading.Lock() if x == 2 else x  # a lock pickles with nothing
 
@@ -242,9 +246,36 @@ def test_share_handles_are_scattered_once(pool: fenfa.Pool) -> None:
         backend = pool._backend
         assert isinstance(backend, DaskBackend)
         # A task's bytes carry the handle's id, not its megabyte.
-        encoded, used = backend._encode([(handle, 1)] * 100, function=False)
+        encoded, used = backend._encode([(handle, 1)] * 100, {}, function=False)
         assert len(encoded) < 2_000
         assert len(used) == 1
+
+
+def test_large_arrays_are_scattered_once_per_call(
+    pool: fenfa.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big NumPy argument, passed to every task or bound, crosses once per call."""
+    np = pytest.importorskip("numpy")
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB, over sharing.AUTO_SHARE_BYTES
+    backend = pool._backend
+    assert isinstance(backend, DaskBackend)
+    scattered: list[int] = []
+    scatter = backend._scatter
+
+    def counting(value: Any) -> Any:
+        scattered.append(int(getattr(value, "nbytes", len(value))))
+        return scatter(value)
+
+    monkeypatch.setattr(backend, "_scatter", counting)
+    expected = [float(big[x]) + x for x in range(40)]
+    assert pool.map(pick, [big] * 40, range(40), chunksize=1) == expected
+    assert scattered == [big.nbytes]
+    assert pool.map(functools.partial(pick, big), range(40), chunksize=1) == expected
+    assert scattered == [big.nbytes, big.nbytes]
+    # A small array travels inside its batch, as before.
+    small = np.arange(10.0)
+    assert pool.map(pick, [small] * 3, range(3)) == [2.0 * x for x in range(3)]
+    assert len(scattered) == 2
 
 
 def test_shutdown_without_wait_lets_submitted_work_finish(pool: fenfa.Pool) -> None:

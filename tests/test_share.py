@@ -128,6 +128,12 @@ def test_a_worker_writes_into_a_writable_shared_array_and_the_caller_sees_it(
     backend: str,
 ) -> None:
     handle = fenfa.share(np.zeros(16), writable=True)
+    if backend == "dask":
+        # A cluster's workers may be on other machines: refused, never lost writes.
+        with pytest.raises(fenfa.SerializationError, match="writable"):
+            fenfa.map(functools.partial(write_index, handle), range(16), backend=backend)
+        handle.close()
+        return
     try:
         fenfa.map(functools.partial(write_index, handle), range(16), backend=backend)
         assert handle.value.tolist() == [i * 10.0 for i in range(16)]
@@ -167,7 +173,11 @@ def test_in_process_backends_pass_the_same_memory(backend: str) -> None:
 
 def test_results_match_on_every_backend(backend: str) -> None:
     big = np.random.default_rng(6).random(1_000_000)
-    want = [slice_sum(big, i) for i in range(40)]
+    want: Any = [slice_sum(big, i) for i in range(40)]
+    if backend == "dask":
+        # The array reaches a dask worker as a copy that may be aligned otherwise,
+        # and NumPy's SIMD sums depend on alignment in the last bit.
+        want = pytest.approx(want, rel=1e-12)
     assert fenfa.map(functools.partial(slice_sum, big), range(40), backend=backend) == want
     with fenfa.share(big) as handle:
         assert fenfa.map(slice_sum, [handle] * 40, range(40), backend=backend) == want

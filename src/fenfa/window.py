@@ -340,6 +340,9 @@ class Run:
         stage upstream is stopped too: nobody will pull from it any more.
         """
         self._job.cancelled = True
+        backend: Backend | None = getattr(self, "_backend", None)  # (auto: None until settled)
+        if backend is not None:
+            backend.drop(self._job)
         self._job.release_shared()
         upstream = self._inputs
         if upstream in _stages:

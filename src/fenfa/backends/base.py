@@ -69,6 +69,13 @@ class Backend(abc.ABC):
         and stop its running tasks where the backend can."""
         job.cancelled = True
 
+    def drop(self, job: Job) -> None:  # noqa: B027 - a hook: most backends need nothing
+        """The call of ``job`` is over (done, failed or stopped early).
+
+        Its batches not started yet are dropped by ``job.claim()``; a backend
+        that hands batches on ahead of time (dask) takes them back here.
+        """
+
     def terminate(self) -> None:
         """Stop at once (interpreter exit): nothing will consume results any more."""
         self.shutdown(wait=False, cancel=True)

@@ -21,9 +21,15 @@ Data flow::
                                                     fetch result, unpickle pieces,
                                                     job.deliver(batch, pieces) (a queue put)
 
-- ``_lock`` guards ``_outstanding`` (future key -> batch): a batch is
-  reported exactly once, by whoever pops it first: the done callback, a
-  cancelling ``shutdown``, ``abandon``.
+- At most ``AHEAD_PER_THREAD`` batches per dask worker thread are on the
+  cluster at once; the rest wait in ``_queue``, here, and go out as results
+  come back (from the done callback). A call that ends early (a failure
+  under ``on_error="raise"``, a consumer that stops) drops its queued batches
+  at once; Dask's own cancel is a message that takes milliseconds to reach
+  the workers, in which a worker would start what it already holds.
+- ``_lock`` guards ``_queue`` and ``_outstanding`` (future key -> batch): a
+  batch is reported exactly once, by whoever pops it first: the done
+  callback, a cancelling ``shutdown``, ``abandon``.
 - Items and results cross as bytes pickled by fenfa, not by Dask: Dask then
   never walks (or misreads: a tuple starting with a callable is a task in
   Dask's graph format) the user's data, and a value that does not pickle
@@ -54,11 +60,12 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+import dask.config
 import distributed
 
 from .. import sharing
@@ -84,6 +91,10 @@ INLINE_FUNCTION_BYTES = 64 * 1024
 # Functions a worker keeps unpickled, most recently used first (a call's
 # function is unpickled once per worker, not once per batch).
 FUNCTION_CACHE_SIZE = 8
+# Batches on the cluster per worker thread: one running, one waiting on the
+# worker, so that a worker never idles for the round trip (result here, next
+# batch there: ~1-2 ms on one machine); more would only be harder to cancel.
+AHEAD_PER_THREAD = 2
 # shutdown(cancel_futures=True): how long running batches may take before
 # their futures are released (the contract: return within 2 s).
 CANCEL_GRACE_SECONDS = 1.0
@@ -95,21 +106,27 @@ CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with each :class:`~fenfa.sharing.Shared` handle written as an id.
+    """cloudpickle, with share() handles and large arrays written as ids.
 
-    The handle's value crosses once, scattered to the cluster; a task's bytes
-    carry only the id, which the worker maps back to the value.
+    Each :class:`~fenfa.sharing.Shared` handle, and each plain NumPy array of
+    ``sharing.AUTO_SHARE_BYTES`` or more, crosses once, scattered to the
+    cluster; a task's bytes carry only the id, which the worker maps back to
+    the value. ``ref`` gives an object's (id, future); ``used`` collects them.
     """
 
-    def __init__(self, file: io.BytesIO, ref: Callable[[sharing.Shared], int]) -> None:
+    def __init__(self, file: io.BytesIO, ref: Callable[[Any], tuple[int, Any]]) -> None:
         super().__init__(file, protocol=5)
         self._ref = ref
-        self.used: set[int] = set()
+        self.used: dict[int, Any] = {}
 
-    def persistent_id(self, obj: Any) -> int | None:
-        if type(obj) is sharing.Shared:
-            hid = self._ref(obj)
-            self.used.add(hid)
+    def persistent_id(self, obj: Any) -> int | tuple[str, int] | None:
+        if type(obj) is sharing.Shared or (
+            sharing._is_plain_array(obj) and obj.nbytes >= sharing.AUTO_SHARE_BYTES
+        ):
+            hid, future = self._ref(obj)
+            self.used[hid] = future
+            if type(obj) is sharing.Shared and isinstance(obj.value, memoryview):
+                return ("view", hid)  # bytes cross; the task gets a memoryview, as elsewhere
             return hid
         return None
 
@@ -120,6 +137,8 @@ class _RefUnpickler(pickle.Unpickler):
         self._values = values
 
     def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple):
+            return memoryview(self._values[pid[1]])
         return self._values[pid]
 
 
@@ -315,12 +334,16 @@ def _dumps(obj: Any) -> bytes:
 class _Call:
     """What a call sends for its function, made once per call (``job.remote``)."""
 
-    __slots__ = ("arg", "key", "refs")
+    __slots__ = ("arg", "arrays", "key", "refs")
 
-    def __init__(self, key: bytes, arg: Any, refs: dict[int, Any]) -> None:
+    def __init__(
+        self, key: bytes, arg: Any, refs: dict[int, Any], arrays: dict[int, tuple[Any, int, Any]]
+    ) -> None:
         self.key = key
         self.arg = arg  # the pickled function, or the future of it scattered
-        self.refs = refs  # handle id -> future, for the handles the function holds
+        self.refs = refs  # id -> future, for the handles and arrays the function holds
+        # The large arrays this call scattered: id(array) -> (array, id, future).
+        self.arrays = arrays
 
 
 class DaskBackend(Backend):
@@ -347,6 +370,10 @@ class DaskBackend(Backend):
         super().__init__(workers, initializer=initializer, initargs=initargs)
         self._cluster: Any = None
         if address is None:
+            # Dask's own setting (DASK_SCHEDULER_ADDRESS, or dask.config.set) names
+            # a cluster to use, as it does for a bare distributed.Client().
+            address = dask.config.get("scheduler-address", None) or None
+        if address is None:
             # Processes, one thread each: the process backend's model, on Dask.
             self._cluster = distributed.LocalCluster(
                 n_workers=workers,
@@ -365,12 +392,14 @@ class DaskBackend(Backend):
             if self._cluster is not None:
                 self._cluster.close()
             raise
-        if address is not None and self._cluster is None and workers_from_cluster:
-            threads = sum(self._client.nthreads().values())
-            self.workers = max(1, threads)
+        threads = max(1, sum(self._client.nthreads().values()))
+        if self._cluster is None and workers_from_cluster:
+            self.workers = threads
+        self._ahead = AHEAD_PER_THREAD * max(threads, self.workers)
         self.address: str = str(address)
         self._lock = threading.Condition(threading.Lock())
         self._outstanding: dict[str, tuple[Any, Batch]] = {}
+        self._queue: deque[tuple[Batch, bool]] = deque()  # (batch, urgent), not sent yet
         self._delivering = 0
         self._handles: weakref.WeakKeyDictionary[sharing.Shared, tuple[int, Any]] = (
             weakref.WeakKeyDictionary()
@@ -379,57 +408,98 @@ class DaskBackend(Backend):
         self._init = (
             None if initializer is None else (uuid.uuid4().hex, initializer, tuple(initargs))
         )
-        self._closed = False
         self._released = False
         self._closer: threading.Thread | None = None
 
     # -- sending -----------------------------------------------------------
 
-    def _handle_ref(self, handle: sharing.Shared) -> int:
-        """The id of ``handle`` on the cluster, scattering its value the first time."""
-        with self._lock:
-            entry = self._handles.get(handle)
-        if entry is None:
-            value = handle.value
-            if isinstance(value, memoryview):
-                value = value.tobytes()
-            # (In a list: scatter would split a list or dict value into many futures.)
-            future = self._client.scatter([value], hash=False)[0]
+    def _scatter(self, value: Any) -> Any:
+        if isinstance(value, memoryview):
+            value = value.tobytes()
+        # (In a list: scatter would split a list or dict value into many futures.)
+        return self._client.scatter([value], hash=False)[0]
+
+    def _ref(self, obj: Any, arrays: dict[int, tuple[Any, int, Any]]) -> tuple[int, Any]:
+        """(id, future) of a share() handle (once per pool) or a large array (once per call).
+
+        ``arrays`` is the call's: id(array) -> (array, id, future); it holds
+        the array, so that its ``id()`` is not reused while the call lasts.
+        """
+        if type(obj) is sharing.Shared:
+            if obj.writable:
+                raise ValueError(
+                    "a writable fenfa.share() handle cannot go to the dask backend: its "
+                    "workers may be on other machines, and their writes would be lost; "
+                    "return the values instead, or use the process backend"
+                )
             with self._lock:
-                entry = self._handles.setdefault(handle, (next(self._hids), future))
-        return int(entry[0])
-
-    def _refs(self, used: set[int]) -> dict[int, Any]:
+                entry = self._handles.get(obj)
+            if entry is None:
+                future = self._scatter(obj.value)
+                with self._lock:
+                    entry = self._handles.setdefault(obj, (next(self._hids), future))
+            return int(entry[0]), entry[1]
         with self._lock:
-            by_id = dict(self._handles.values())
-        return {hid: by_id[hid] for hid in used}
+            known = arrays.get(id(obj))
+        if known is None:
+            future = self._scatter(obj)
+            with self._lock:
+                known = arrays.setdefault(id(obj), (obj, next(self._hids), future))
+        return int(known[1]), known[2]
 
-    def _encode(self, obj: Any, *, function: bool) -> tuple[bytes, set[int]]:
+    def _encode(
+        self, obj: Any, arrays: dict[int, tuple[Any, int, Any]], *, function: bool
+    ) -> tuple[bytes, dict[int, Any]]:
+        """``obj`` pickled, and the futures of the ids it refers to.
+
+        The plain pickle is tried first (fast on small items); only when there
+        are share() handles about, or the result is large enough to hold a
+        large array, is it pickled again with handles and arrays as ids.
+        """
         if not sharing.handles_alive():
-            if not function:
-                try:
-                    return pickle.dumps(obj, protocol=5), set()
-                except Exception:
-                    pass
+            try:
+                data: bytes = (cloudpickle if function else pickle).dumps(obj, protocol=5)
+            except Exception:
+                if function:
+                    raise
             else:
-                return cloudpickle.dumps(obj, protocol=5), set()
+                if len(data) < sharing.AUTO_SHARE_BYTES:
+                    return data, {}
         buffer = io.BytesIO()
-        pickler = _RefPickler(buffer, self._handle_ref)
+        pickler = _RefPickler(buffer, lambda o: self._ref(o, arrays))
         pickler.dump(obj)
         return buffer.getvalue(), pickler.used
 
     def _call(self, job: Job) -> _Call:
         call: _Call | None = job.remote
         if call is None:
-            data, used = self._encode(job.fn, function=True)
+            arrays: dict[int, tuple[Any, int, Any]] = {}
+            data, used = self._encode(job.fn, arrays, function=True)
             key = hashlib.blake2b(data, digest_size=16).digest()
             arg: Any = data
             if len(data) > INLINE_FUNCTION_BYTES:
                 arg = self._client.scatter([data], hash=False)[0]
-            call = job.remote = _Call(key, arg, self._refs(used))
+            call = job.remote = _Call(key, arg, used, arrays)
         return call
 
     def submit(self, batch: Batch, *, urgent: bool = False) -> None:
+        with self._lock:
+            if urgent:
+                self._queue.appendleft((batch, urgent))
+            else:
+                self._queue.append((batch, urgent))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send queued batches while the cluster has room for them."""
+        while True:
+            with self._lock:
+                if not self._queue or len(self._outstanding) >= self._ahead:
+                    return
+                batch, urgent = self._queue.popleft()
+            self._send(batch, urgent)
+
+    def _send(self, batch: Batch, urgent: bool) -> None:
         job = batch.job
         if not job.claim():
             return
@@ -441,14 +511,15 @@ class DaskBackend(Backend):
             self._fail(batch, lambda i: SerializationError(why, index=i, what="function"))
             return
         try:
-            items, used = self._encode(batch.items, function=False)
+            items, used = self._encode(batch.items, call.arrays, function=False)
         except Exception:
             self._split(batch, urgent)
             return
-        refs = {**call.refs, **self._refs(used)}
+        refs = {**call.refs, **used}
         with self._lock:
-            # (Again under the lock: a shutdown may have begun meanwhile.)
-            closed = self._closed
+            # (Under the lock: the client may have been closed meanwhile. Until
+            # then, work still comes: a map_async accepted before shutdown().)
+            closed = self._released
             if not closed:
                 future = self._client.submit(
                     _run_remote,
@@ -478,7 +549,7 @@ class DaskBackend(Backend):
         for offset, item in enumerate(batch.items):
             index = batch.start + offset
             try:
-                self._encode(item, function=False)
+                self._encode(item, batch.job.remote.arrays, function=False)
             except Exception as exc:
                 if run:
                     self.submit(Batch(batch.job, run_start, run, batch.attempt), urgent=urgent)
@@ -529,6 +600,7 @@ class DaskBackend(Backend):
             with self._lock:
                 self._delivering -= 1
                 self._lock.notify_all()
+        self._pump()
 
     def _outcome(self, future: Any, batch: Batch) -> tuple[list[Piece], float]:
         status = future.status
@@ -594,14 +666,21 @@ class DaskBackend(Backend):
         with self._lock:
             keys = [k for k, (_, b) in self._outstanding.items() if job is None or b.job is job]
             taken = [self._outstanding.pop(k) for k in keys]
+            kept = [entry for entry in self._queue if job is not None and entry[0].job is not job]
+            queued = [(None, b) for b, _ in self._queue if job is None or b.job is job]
+            self._queue = deque(kept)
             self._lock.notify_all()
+        if job is None:
+            return taken + queued
+        # (A dropped job's queued batches are dropped unseen, as claim() would.)
         return taken
 
     def _release(self, taken: list[tuple[Any, Batch]]) -> None:
         if taken and not self._released:
             # (If the client is closing anyway, there is nothing more to release.)
+            futures = [future for future, _ in taken if future is not None]
             with contextlib.suppress(Exception):
-                self._client.cancel([future for future, _ in taken])
+                self._client.cancel(futures)
 
     def _release_job(self, job: Job) -> None:
         self._release(self._take(job))
@@ -610,13 +689,17 @@ class DaskBackend(Backend):
         job.cancelled = True
         self._release_job(job)
 
+    def drop(self, job: Job) -> None:
+        # (Queued on the cluster: claim() cannot stop them, the scheduler can.)
+        self._release_job(job)
+
     def idle(self) -> bool:
         with self._lock:
-            return not self._outstanding and not self._delivering
+            return not self._outstanding and not self._queue and not self._delivering
 
     def _drained(self, deadline: float | None) -> bool:
         with self._lock:
-            while self._outstanding or self._delivering:
+            while self._outstanding or self._queue or self._delivering:
                 if deadline is None:
                     self._lock.wait()
                 else:
@@ -633,8 +716,6 @@ class DaskBackend(Backend):
             self._fail(batch, lambda i: PoolClosed("the pool was shut down while the task ran"))
 
     def shutdown(self, wait: bool = True, *, cancel: bool = False) -> None:
-        with self._lock:
-            self._closed = True
         if not wait:
             if cancel:
                 self._cancel_all()
