@@ -84,13 +84,20 @@ def script(tmp_path: Path, source: str, *args: str) -> Iterator[subprocess.Popen
             cwd=tmp_path,
             start_new_session=True,
         )
+    with reaped(proc):
+        yield proc
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """At the end, kill ``proc`` (started in a new session) and what is left of its session."""
     try:
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
-        for leftover in session_processes(proc.pid):  # only what this script started
+        for leftover in session_processes(proc.pid):  # only what this process started
             with contextlib.suppress(psutil.Error):
                 leftover.kill()
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import advise, bench
+from . import advise, bench, mapcmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench.add_parser(commands)
     advise.add_parser(commands)
+    mapcmd.add_parser(commands)
     commands.add_parser(
         "run",
         help="run shell commands in parallel, GNU parallel style (fenfa run --help)",
