@@ -56,6 +56,17 @@ def test_shell_runs_a_command_and_reports_it() -> None:
     assert fenfa.map(fenfa.shell, ["echo 1", "echo 2"], backend="thread")[1].text == "2\n"
 
 
+def test_commands_see_the_environment_as_it_is_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both paths: a word list exec'd directly, and shell syntax through /bin/sh.
+    monkeypatch.setenv("FENFA_TEST_VALUE", "one")
+    assert fenfa.shell("printenv FENFA_TEST_VALUE").text == "one\n"
+    monkeypatch.setenv("FENFA_TEST_VALUE", "two")
+    assert fenfa.shell("printenv FENFA_TEST_VALUE").text == "two\n"
+    assert fenfa.shell("echo $FENFA_TEST_VALUE;").text == "two\n"
+    monkeypatch.delenv("FENFA_TEST_VALUE")
+    assert fenfa.shell("printenv FENFA_TEST_VALUE").returncode == 1
+
+
 @pytest.mark.timeout(30)
 def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild"

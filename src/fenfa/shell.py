@@ -174,6 +174,18 @@ def _direct(args: str | list[str]) -> list[str] | None:
     return None if program is None else [program, *words[1:]]
 
 
+def _environment() -> Mapping[str, str] | Mapping[bytes, bytes]:
+    """This process's environment, as posix_spawn takes it, copied in C.
+
+    Handing ``os.environ`` itself costs ~0.1 ms a command: posix_spawn walks
+    it through its Python-level mapping methods, item by item. A copy of the
+    dict of bytes underneath (CPython's, on POSIX) is taken in a microsecond,
+    and is always current.
+    """
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else os.environ
+
+
 def _spawned(
     args: str | list[str],
     argv: list[str],
@@ -188,7 +200,7 @@ def _spawned(
         pid = os.posix_spawn(
             argv[0],
             argv,
-            os.environ if env is None else dict(env),
+            _environment() if env is None else dict(env),
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, out_w, 1),
