@@ -264,8 +264,10 @@ def test_by_default_lines_come_as_records_finish(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("backend", ["serial", "thread", "process"])
+@pytest.mark.parametrize("backend", ["serial", "thread", "process", "dask"])
 def test_each_backend_runs_the_records_where_it_should(backend: str, tmp_path: Path) -> None:
+    if backend == "dask":
+        pytest.importorskip("distributed")  # (the run starts a LocalCluster of its own)
     write_input(tmp_path / "in.jsonl", *range(20))
     ran = run("maptasks:where", "in.jsonl", "-o", "out.jsonl", "--backend", backend, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr

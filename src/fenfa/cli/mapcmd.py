@@ -70,7 +70,8 @@ from .advise import BadTarget, _one_line, load_target
 
 PROG = "fenfa map"
 ON_ERROR = ("raise", "return", "skip")
-BACKEND_CHOICES = ("auto", "serial", "thread", "process", "async")
+# (dask: a cluster named by DASK_SCHEDULER_ADDRESS, or a local one started for the run)
+BACKEND_CHOICES = ("auto", "serial", "thread", "process", "async", "dask")
 
 # The window (records pulled and not yet written) holds about this many bytes
 # of input. A record in flight is held as its text and decoded (CPython's
