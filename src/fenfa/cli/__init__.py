@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import advise, bench, mapcmd
-
 
 def build_parser() -> argparse.ArgumentParser:
+    # (Imported here: `fenfa run`, which starts once per batch of shell jobs,
+    # does not pay for the other commands' modules.)
+    from . import advise, bench, mapcmd
+
     parser = argparse.ArgumentParser(
         prog="fenfa", description="Dispatch work to threads or processes, and see how it went."
     )
