@@ -413,7 +413,8 @@ def check(outcome: Outcome, inv: Invocation, template: str, inputs: list[str]) -
                 problems.append(f"{name}: {count} lines, want {len(inputs) + extra}")
             path.unlink(missing_ok=True)
     if outcome.survivors:
-        problems.append(f"{len(outcome.survivors)} processes left")
+        named = "; ".join(p["cmd"][:60] or "(no cmdline: exiting)" for p in outcome.survivors)
+        problems.append(f"{len(outcome.survivors)} processes left ({named})")
     return problems
 
 
