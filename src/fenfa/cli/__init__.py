@@ -13,7 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import advise, bench, mapcmd
 
     parser = argparse.ArgumentParser(
-        prog="fenfa", description="Dispatch work to threads or processes, and see how it went."
+        prog="fenfa",
+        description=(
+            "Dispatch work to threads, processes, coroutines or a Dask cluster, "
+            "and see how it went."
+        ),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench.add_parser(commands)
