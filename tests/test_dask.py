@@ -29,7 +29,7 @@ import pytest
 
 import fenfa
 from fenfa.errors import RemoteTraceback
-from helpers import endless, hang, wait_for
+from helpers import endless, hang, script, session_processes, wait_for
 
 distributed = pytest.importorskip("distributed")
 
@@ -317,6 +317,32 @@ def test_backend_unavailable_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_module_level_map_starts_a_local_cluster() -> None:
     assert fenfa.map(square, range(20), backend="dask") == [x * x for x in range(20)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["module-level map", "pool never shut down"])
+def test_a_script_exits_quietly_and_leaves_no_cluster(how: str, tmp_path: Path) -> None:
+    """At exit, the local cluster is closed after its client, not under it: no
+    reconnection errors on stderr, no dask process left."""
+    call = (
+        'print(fenfa.map(square, range(10), backend="dask"))'
+        if how == "module-level map"
+        else 'pool = fenfa.Pool("dask", 2)\n    print(pool.map(square, range(10)))'
+    )
+    source = f"""
+import fenfa
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    {call}
+"""
+    with script(tmp_path, source) as proc:
+        assert proc.wait(timeout=45) == 0
+        assert (tmp_path / "stdout").read_text() == f"{[x * x for x in range(10)]}\n"
+        assert (tmp_path / "stderr").read_text() == ""
+        wait_for(lambda: not session_processes(proc.pid), "the cluster's processes to exit")
 
 
 # ------------------------------------------------------------------- a real deployment

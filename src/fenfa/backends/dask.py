@@ -50,6 +50,7 @@ Data flow::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -410,6 +411,19 @@ class DaskBackend(Backend):
         )
         self._released = False
         self._closer: threading.Thread | None = None
+        # At interpreter exit: close the client, then the cluster, before
+        # distributed's own exit hook (registered earlier, so run later: LIFO)
+        # closes the cluster under a live client, which then logs its failed
+        # reconnection. (Through a weak reference: the hook keeps nothing alive.)
+        this = weakref.ref(self)
+
+        def close_at_exit() -> None:
+            backend = this()
+            if backend is not None:
+                backend._close()
+
+        self._exit_hook = close_at_exit
+        atexit.register(close_at_exit)
 
     # -- sending -----------------------------------------------------------
 
@@ -744,6 +758,7 @@ class DaskBackend(Backend):
             if self._released:
                 return
             self._released = True
+        atexit.unregister(self._exit_hook)
         try:
             self._client.close(timeout=CLOSE_TIMEOUT_SECONDS)
         finally:
