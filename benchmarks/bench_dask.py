@@ -40,6 +40,7 @@ import dask.bag as db
 import distributed
 
 import fenfa
+from fenfa.backends.dask import local_cluster
 
 TINY_GOAL = 2.0  # fenfa at least this many times faster than client.map
 CPU_GOAL = 1.10  # fenfa at most this many times client.map's time
@@ -130,15 +131,7 @@ def main() -> int:
     cpu = list(range(40 if args.quick else 200))
     load_before = os.getloadavg()
     with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-            silence_logs=logging.ERROR,
-        ) as cluster,
+        local_cluster(2, silence_logs=logging.ERROR) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
         fenfa.Pool("dask", address=cluster.scheduler_address) as pool,
     ):

@@ -166,13 +166,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def dask_cluster() -> Iterator[str]:
     """The address of a 2-worker dask ``LocalCluster`` (processes, one thread each)."""
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-    ) as cluster:
+    pytest.importorskip("distributed")
+    from fenfa.backends.dask import local_cluster
+
+    with local_cluster(2) as cluster:
         yield cluster.scheduler_address

@@ -19,9 +19,6 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "async": ("asyncio", "AsyncBackend", None),
     "dask": ("dask", "DaskBackend", "dask"),
 }
-# Named by the design but not built yet; asking for one says so plainly.
-_PLANNED: tuple[str, ...] = ()
-
 BACKENDS = ("auto", *_REGISTRY)
 
 # The default `workers` of the async backend: coroutines in flight at once.
@@ -53,13 +50,8 @@ def default_workers(backend: str) -> int:
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or (name not in BACKENDS and name not in _PLANNED):
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    if name in _PLANNED:
-        raise ValueError(
-            f"backend {name!r} is not available in this version of fenfa yet; "
-            f"choose one of: {', '.join(BACKENDS)}"
-        )
     return name
 
 

@@ -332,6 +332,24 @@ def _dumps(obj: Any) -> bytes:
 # -- in the caller -------------------------------------------------------------
 
 
+def local_cluster(workers: int, **options: Any) -> Any:
+    """The ``LocalCluster`` a dask pool starts without an address (``options`` added).
+
+    Processes, one thread each: the process backend's model, on Dask; on
+    127.0.0.1, no dashboard (the scheduler's HTTP server, for health and
+    metrics, is there anyway: on any free port, never clashing on 8787).
+    """
+    return distributed.LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        **options,
+    )
+
+
 class _Call:
     """What a call sends for its function, made once per call (``job.remote``)."""
 
@@ -375,17 +393,7 @@ class DaskBackend(Backend):
             # a cluster to use, as it does for a bare distributed.Client().
             address = dask.config.get("scheduler-address", None) or None
         if address is None:
-            # Processes, one thread each: the process backend's model, on Dask.
-            self._cluster = distributed.LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                # No dashboard; the scheduler's HTTP server (health, metrics) is
-                # there anyway: on any free port, never clashing on 8787.
-                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-            )
+            self._cluster = local_cluster(workers)
             address = self._cluster.scheduler_address
         try:
             self._client: Any = distributed.Client(address, set_as_default=False)
@@ -397,6 +405,7 @@ class DaskBackend(Backend):
         if self._cluster is None and workers_from_cluster:
             self.workers = threads
         self._ahead = AHEAD_PER_THREAD * max(threads, self.workers)
+        #: The scheduler's address: another pool may connect to the same cluster.
         self.address: str = str(address)
         self._lock = threading.Condition(threading.Lock())
         self._outstanding: dict[str, tuple[Any, Batch]] = {}
