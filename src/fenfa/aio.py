@@ -46,7 +46,7 @@ from .errors import FenfaError
 from .options import CallOptions, check_callable, positive
 from .progress import Progress
 from .tasks import attach_traceback, is_coroutine_function
-from .window import annotate
+from .window import annotate, from_input
 
 R = TypeVar("R")
 
@@ -67,7 +67,7 @@ async def amap(
     fn: Callable[..., Any], iterable: Iterable[Any] | AsyncIterable[Any], **options: Any
 ) -> list[Any]:
     """``[fn(x) for x in iterable]``, awaited; raises the first failure seen, cancels the rest."""
-    run = _Run(fn, iterable, ordered=True, fail_fast=True, options=options)
+    run = _Run(fn, iterable, ordered=True, options=options)
     results = run.results()
     try:
         return [value async for value in results]
@@ -86,7 +86,7 @@ def aimap(
 
     Options are checked now, at the call; nothing runs until the first ``__anext__``.
     """
-    return _Run(fn, iterable, ordered=ordered, fail_fast=False, options=options).results()
+    return _Run(fn, iterable, ordered=ordered, options=options).results()
 
 
 def _renumber(error: BaseException, index: int) -> None:
@@ -115,7 +115,6 @@ class _Run:
         iterable: Iterable[Any] | AsyncIterable[Any],
         *,
         ordered: bool,
-        fail_fast: bool,
         options: dict[str, Any],
     ) -> None:
         check_callable(fn)
@@ -125,7 +124,6 @@ class _Run:
         self.options = CallOptions().update(rest)
         self.fn = fn
         self.ordered = ordered
-        self.fail_fast = fail_fast
         self.backend = backend
         self.workers = workers
         self.is_async = is_coroutine_function(fn)
@@ -221,6 +219,7 @@ class _Run:
         next_index = 0
         cursor = 0  # ordered: the next index to hand over
         exhausted = failed = False
+        input_error: Exception | None = None
         if self.options.progress:
             self._progress = Progress(self.options.progress, self._total, self.fn)
         try:
@@ -229,6 +228,11 @@ class _Run:
                     try:
                         item = await self._pull()
                     except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    except Exception as exc:
+                        # As builtins.map: the results before it first, then this.
+                        input_error = from_input(exc, next_index)
                         exhausted = True
                         break
                     task = loop.create_task(self._task(next_index, item))
@@ -242,7 +246,7 @@ class _Run:
                     if done_task is None:
                         continue  # handed over already (ordered: found done at the cursor)
                     if done_task.exception() is not None:
-                        if self.fail_fast or not self.ordered:
+                        if not self.ordered:
                             tasks.pop(index).result()  # raises it
                         failed = True  # ordered: raised when the consumer reaches it
                     ready.append(index)
@@ -260,6 +264,8 @@ class _Run:
                     if value is not _SKIP:
                         yield value
                 if not tasks and (exhausted or failed):
+                    if input_error is not None and not failed:
+                        raise input_error
                     return
                 if not ready:
                     wake.clear()

@@ -179,7 +179,7 @@ class Executor(concurrent.futures.Executor):
         """Results in order; ``timeout`` bounds the whole iteration, as in the stdlib."""
         deadline = None if timeout is None else time.monotonic() + timeout
         options = {} if chunksize is None else {"chunksize": chunksize}
-        run = self._pool._spread(fn, iterables, True, False, options)
+        run = self._pool._spread(fn, iterables, True, options)
         run._deadline = deadline
         run.fill()  # start work now, as the standard library's map does
         return _handing_over(run.pieces())

@@ -123,7 +123,13 @@ def unmeasured(fn: Callable[..., Any], why: str) -> Decision:
 
 
 class _Feed:
-    """The call's input, shared by the probe threads under a lock."""
+    """The call's input, shared by the probe threads under a lock.
+
+    Only one thread ever pulls from the input: a probe thread holds the lock
+    while it pulls (a slow generator keeps it that long), and :meth:`close`
+    takes the same lock, so once it returns no probe thread is inside the
+    input or will enter it again, and ``next_index`` counts every item taken.
+    """
 
     def __init__(self, inputs: Iterator[Any], job: Job, limit: int) -> None:
         self._inputs = inputs
@@ -133,7 +139,7 @@ class _Feed:
         self.next_index = 0
         self.exhausted = False
         self.stopped = False
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
 
     def take(self, count: int) -> tuple[int, list[Any]] | None:
         with self._lock:
@@ -142,12 +148,13 @@ class _Feed:
             count = min(count, self._limit - self.next_index)
             if count <= 0:
                 return None
+            items: list[Any] = []
             try:
-                items = list(itertools.islice(self._inputs, count))
-            except BaseException as exc:  # the input itself failed: the caller re-raises it
+                # extend() keeps what the input gave before it raised.
+                items.extend(itertools.islice(self._inputs, count))
+            except Exception as exc:  # the input itself failed: raised after its items
                 self.error = exc
                 self.exhausted = True
-                return None
             if len(items) < count:
                 self.exhausted = True
             if not items:
@@ -155,6 +162,12 @@ class _Feed:
             start = self.next_index
             self.next_index += len(items)
             return start, items
+
+    def close(self) -> None:
+        """Stop the probe threads pulling; returns once none is inside the input."""
+        self.stopped = True
+        with self._lock:
+            pass
 
 
 class _ProbeThread(threading.Thread):
@@ -329,7 +342,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     }
 
     def settle(backend: str, reason: str, slowdown: float | None = None) -> tuple[Decision, _Feed]:
-        feed.stopped = True
+        feed.close()
         return Decision(backend, reason, parallel_slowdown=slowdown, **evidence), feed
 
     if native > NATIVE_THREADS_ABOVE:

@@ -352,7 +352,6 @@ class Pool:
         *,
         total: int | None,
         ordered: bool,
-        fail_fast: bool,
         options: dict[str, Any],
         deadline: float | None = None,
     ) -> Run:
@@ -374,7 +373,6 @@ class Pool:
             iter(inputs),
             total=total,
             ordered=ordered,
-            fail_fast=fail_fast,
             options=call_options,
             deadline=deadline,
             chooser=chooser,
@@ -386,7 +384,6 @@ class Pool:
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
         ordered: bool,
-        fail_fast: bool,
         options: dict[str, Any],
     ) -> Run:
         if not iterables:
@@ -401,8 +398,7 @@ class Pool:
                 iterables[0],
                 total=total,
                 ordered=ordered,
-                fail_fast=fail_fast,
-                options=options,
+                    options=options,
             )
         return self._run(
             fn,
@@ -410,23 +406,22 @@ class Pool:
             zip(*iterables, strict=False),
             total=total,
             ordered=ordered,
-            fail_fast=fail_fast,
             options=options,
         )
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> list[R]:
         """``list(map(fn, *iterables))`` on the workers; raises the first failure seen."""
-        return self._spread(fn, iterables, True, True, options).collect()
+        return self._spread(fn, iterables, True, options).collect()
 
     def imap(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazy and ordered; at most ``window`` inputs pulled ahead of the consumer."""
-        return self._spread(fn, iterables, True, False, options).results()
+        return self._spread(fn, iterables, True, options).results()
 
     def imap_unordered(
         self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any
     ) -> Iterator[R]:
         """Lazy; results in the order they finish."""
-        return self._spread(fn, iterables, False, False, options).results()
+        return self._spread(fn, iterables, False, options).results()
 
     def starmap(
         self, fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: Any
@@ -438,7 +433,6 @@ class Pool:
             iterable,
             total=_length(iterable),
             ordered=True,
-            fail_fast=True,
             options=options,
         )
         return run.collect()
@@ -447,7 +441,7 @@ class Pool:
         self, fn: Callable[..., R], iterable: Iterable[Any], **options: Any
     ) -> Future[list[R]]:
         """``map`` in the background; a Future of the list."""
-        run = self._spread(fn, (iterable,), True, True, options)
+        run = self._spread(fn, (iterable,), True, options)
         run.background = True
         future: Future[list[R]] = Future()
         future.set_running_or_notify_cancel()

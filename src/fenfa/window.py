@@ -50,6 +50,13 @@ def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseEx
     return exc
 
 
+def from_input(exc: Exception, given: int) -> Exception:
+    """Say that ``exc`` came from the input itself, after ``given`` items, not from a task."""
+    after = f"after item {given - 1} ({given} items given)" if given else "before its first item"
+    exc.add_note(f"fenfa: raised by the input {after}, not by a task")
+    return exc
+
+
 # The result iterators of fenfa calls, so that a call reading another's
 # results (a pipeline stage) can stop it when it stops itself.
 _stages: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
@@ -67,7 +74,6 @@ class Run:
         *,
         total: int | None,
         ordered: bool,
-        fail_fast: bool,
         options: CallOptions,
         deadline: float | None = None,
         chooser: Callable[[Decision], Pool] | None = None,
@@ -80,7 +86,6 @@ class Run:
         self.decision: Decision | None = None
         self._inputs = inputs
         self._ordered = ordered
-        self._fail_fast = fail_fast
         self._options = options
         self._deadline = deadline
         # A run driven in the background (map_async) was accepted whole: it
@@ -132,7 +137,8 @@ class Run:
             decision, feed = probe(job, self._inputs, self._options.window)
             taken, exhausted = feed.next_index, feed.exhausted
             if feed.error is not None:
-                raise feed.error
+                # Raised once the probe's results before it are delivered.
+                self._input_error = from_input(feed.error, taken)
         self.decision = decision
         if self._recorder is not None:
             self._recorder.decision = decision
@@ -175,16 +181,15 @@ class Run:
             probing = self._sizer.task_seconds is None and self._options.chunksize is None
             if probing and self._probes >= workers:
                 return  # one task per worker until a time is measured
+            items: list[Any] = []
             try:
-                items = list(itertools.islice(self._inputs, size))
+                # extend() keeps the items the input gave before it raised.
+                items.extend(itertools.islice(self._inputs, size))
             except Exception as exc:
-                if self._fail_fast:
-                    raise
                 # As builtins.map: what came before the broken input is still
                 # delivered, in order; then the input's error is raised.
-                self._input_error = exc
+                self._input_error = from_input(exc, self._next + len(items))
                 self._exhausted = True
-                return
             if len(items) < size:
                 self._exhausted = True
             if not items:
@@ -254,10 +259,11 @@ class Run:
                 self._put(index, 1, [error])
             elif options.on_error == "skip":
                 self._put(index, 1, [])
-            elif self._fail_fast or not self._ordered:
+            elif not self._ordered:
                 raise error
             else:
-                # Raised when the consumer reaches it; nothing after it is needed.
+                # Raised when the consumer reaches it, as builtins.map raises
+                # the first failure in input order; nothing after it is needed.
                 self._put(index, 1, error)
                 self._exhausted = True
         self._sizer.measured(busy, tasks)
@@ -349,4 +355,4 @@ class Run:
             upstream.close()  # type: ignore[attr-defined]
 
 
-__all__ = ["Run", "annotate"]
+__all__ = ["Run", "annotate", "from_input"]
