@@ -16,6 +16,10 @@ at most `window` items ahead of you (shown below on an endless generator),
 the async methods return `concurrent.futures.Future`s, and a failed task
 raises your exception with the worker's traceback instead of hanging.
 
+Code written for multiprocessing.Pool needs one line changed, the import:
+`from fenfa.multiprocessing import Pool` keeps the standard library's
+methods, signatures and AsyncResults, without its traps (last section below).
+
 Run: python examples/pool_tour.py [--workers 2]
 """
 
@@ -28,6 +32,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 
 import fenfa
+from fenfa.multiprocessing import Pool  # was: from multiprocessing import Pool
 
 
 def square(x: int) -> int:
@@ -85,6 +90,20 @@ def main() -> None:
 
         future = pool.submit(sorted, [3, 1, 2], reverse=True)
         show("submit", future.result(), "apply_async with keywords, as concurrent.futures")
+
+    print("-- multiprocessing.Pool code as it was; only the import changed:")
+    pulled = 0
+    with Pool(processes=args.workers) as mp_pool:
+        show("mp map", mp_pool.map(square, range(8), chunksize=2), "multiprocessing's signature")
+        done: list[tuple[int, int]] = []
+        one_result = mp_pool.apply_async(divmod, (17, 5), callback=done.append)
+        show("mp apply_async", one_result.get(timeout=30), f"an AsyncResult; callback saw {done}")
+        firsts = []
+        for result in mp_pool.imap(square, endless()):
+            firsts.append(result)
+            if len(firsts) == 5:
+                break
+        show("mp imap", firsts, f"{pulled} pulled of an endless generator (stdlib: all)")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,13 @@ def test_pool_tour_shows_every_method() -> None:
     assert rows["apply"].startswith("1024")
     assert rows["apply_async"].startswith("(3, 2)")
     assert rows["submit"].startswith("[3, 2, 1]")
+    # fenfa.multiprocessing.Pool: the standard library's API, the input still lazy
+    assert rows["mp map"].startswith(squares)
+    assert rows["mp apply_async"].startswith("(3, 2)")
+    assert "callback saw [(3, 2)]" in rows["mp apply_async"]
+    assert rows["mp imap"].startswith("[0, 1, 4, 9, 16]")
+    mp_pulled = int(grab(r"^mp imap .*?(\d+) pulled of an endless", out))
+    assert 5 <= mp_pulled <= 40  # the stdlib's imap would read the generator for ever
 
 
 @pytest.mark.timeout(60)
