@@ -30,7 +30,9 @@ finishes on its probe thread and its result is used.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import os
 import pickle
 import threading
@@ -38,6 +40,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import cloudpickle
 
 from .tasks import (
     Batch,
@@ -72,6 +76,13 @@ WAITING_BELOW = 0.5
 # Two computing threads together advancing more than this many CPU seconds
 # per second: they run in parallel, so the task releases the GIL.
 PARALLEL_ABOVE = 1.5
+# Two copies of a task that holds the GIL keep ~1.0 core busy between them,
+# taking turns. Well below that (0.7: a margin for the clocks' 10 ms sample),
+# the copies spend their time waiting on something other than the GIL (a
+# socket, a disk), which threads overlap for free: a local HTTP scrape whose
+# first task looked CPU-bound alone shows ~0.3 here, and runs 1.6-2.8x faster
+# on threads than on a freshly started process pool.
+PAIR_WAITING_BELOW = 0.7
 # One task keeping more than this many cores busy by itself is already
 # parallel (a 2-thread BLAS shows ~2.0 here). Not lower: the process clock
 # also counts fenfa's own threads and start-up work, seen at up to ~1.4 with
@@ -119,7 +130,48 @@ def unmeasured(fn: Callable[..., Any], why: str) -> Decision:
     if is_coroutine_function(fn):
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         return Decision("async", f"{name} is a coroutine function, so it runs on an event loop")
+    problem = cannot_ship(fn, None)
+    if problem is not None:
+        return Decision(
+            "thread", f"{why}, and {problem}, so auto chose threads, which need no pickling"
+        )
     return Decision("process", f"{why}, so auto chose processes, the safe default for Python code")
+
+
+def completed(decision: Decision, feed: _Feed) -> Decision:
+    """``decision`` with the task times its probe measured after deciding.
+
+    A task longer than the probe's 10 ms had not finished when auto decided
+    (the decision does not wait: the other cores would idle); once the call
+    is over, the probe threads' chunks say how long it took.
+    """
+    if decision.task_seconds is not None:
+        return decision
+    done = [thread.done_before(math.inf) for thread in feed.threads]
+    tasks = sum(count for count, _, _ in done)
+    if not tasks:
+        return decision
+    wall, cpu = sum(seconds for _, seconds, _ in done), sum(cpu for _, _, cpu in done)
+    return dataclasses.replace(
+        decision, task_seconds=wall / tasks, cpu_seconds=cpu / tasks, tasks_measured=tasks
+    )
+
+
+def cannot_ship(fn: Callable[..., Any], sample: tuple[Any, Any] | None) -> str | None:
+    """Why ``fn`` (or a sample input and result) cannot travel to a process; None if it can.
+
+    Pickled as the process backend does (cloudpickle), but with every
+    out-of-band buffer dropped on the floor: a large array captured by the
+    function costs nothing to check.
+    """
+    for what, obj in (("the function", fn), ("an input and its result", sample)):
+        if obj is None:
+            continue
+        try:
+            cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda _buffer: None)
+        except Exception as exc:
+            return f"{what} cannot be pickled for another process ({type(exc).__name__}: {exc})"
+    return None
 
 
 class _Feed:
@@ -140,6 +192,7 @@ class _Feed:
         self.exhausted = False
         self.stopped = False
         self.error: Exception | None = None
+        self.threads: list[_ProbeThread] = []
 
     def take(self, count: int) -> tuple[int, list[Any]] | None:
         with self._lock:
@@ -309,6 +362,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     """
     feed = _Feed(inputs, job, min(limit or MAX_PROBE_TASKS, MAX_PROBE_TASKS))
     alone = _ProbeThread(feed, job, "fenfa-probe-0")
+    feed.threads.append(alone)
     native_before = _native_threads_cpu()
     process_cpu, begin = time.process_time(), time.perf_counter()
     alone.start()
@@ -343,6 +397,12 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
 
     def settle(backend: str, reason: str, slowdown: float | None = None) -> tuple[Decision, _Feed]:
         feed.close()
+        problem = cannot_ship(job.fn, alone.sample) if backend == "process" else None
+        if problem is not None:
+            # What would have gone to processes runs where it runs serially:
+            # correct first, and threads would only take turns on the GIL.
+            backend = "serial"
+            reason = f"{reason}; but {problem}, so it runs in the caller instead"
         return Decision(backend, reason, parallel_slowdown=slowdown, **evidence), feed
 
     if native > NATIVE_THREADS_ABOVE:
@@ -367,18 +427,20 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         )
     ship = _ship_seconds(alone.sample)
 
-    def small(reason_tail: str) -> tuple[Decision, _Feed]:
+    def small(reason_tail: str, cost: float = ship) -> tuple[Decision, _Feed]:
         assert per_task is not None
         return settle(
             "serial",
-            f"a task takes {per_task * 1e6:.2g} us, less than shipping it to another process "
-            f"and its result back would cost{reason_tail}, so running in the caller is fastest",
+            f"a task takes {per_task * 1e6:.2g} us, less than twice the ~{cost * 1e6:.2g} us "
+            f"that shipping it to another process and its result back would cost{reason_tail}, "
+            "so running in the caller is fastest",
         )
 
     if per_task is not None and per_task < 2 * SHIP_SECONDS:
-        return small("")  # too small for any pool: even a thread hand-off costs more
+        return small("", SHIP_SECONDS)  # too small for any pool: even a thread hand-off costs more
     # It computes: do two copies run in parallel on threads, or take turns on the GIL?
     pair = _ProbeThread(feed, job, "fenfa-probe-1")
+    feed.threads.append(pair)
     started = time.perf_counter()
     before, stat_before = alone.cpu_clock(), _schedstat(alone.native_id)
     pair.start()
@@ -386,10 +448,12 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     elapsed = time.perf_counter() - started
     after, other = alone.cpu_clock(), pair.cpu_clock()
     stats = [_schedstat(alone.native_id), _schedstat(pair.native_id)]
+    wanted: float | None = None  # cores the pair ran on or queued for (Linux)
     if stat_before is not None and None not in stats:
         on_cpu = sum(s[0] for s in stats if s) - stat_before[0]
         queued = sum(s[1] for s in stats if s) - stat_before[1]
         evidence["contention"] = queued / max(on_cpu + queued, 1e-9)
+        wanted = (on_cpu + queued) / elapsed
     gil_bound_small = per_task is not None and per_task < 2 * ship
     if before is None or after is None or other is None:
         # A probe thread ended early (the input ran out): use the chunks both
@@ -413,22 +477,35 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         )
     parallel = ((after - before) + other) / elapsed
     slowdown = 2.0 / max(parallel, 1e-9)
+    together = f"two copies on threads kept {parallel:.2f} cores busy together"
     if parallel > PARALLEL_ABOVE:
         return settle(
             "thread",
-            f"the task computes with the GIL released: two copies on threads ran "
-            f"{parallel:.1f}x as fast as one, so threads use every core without copying data "
+            f"the task computes with the GIL released: {together} (a task that holds the "
+            "GIL keeps at most 1.0 busy), so threads use every core without copying data "
             "to other processes",
             min(slowdown, 2.0),
         )
+    # Time queued for a CPU that other programs held is not waiting on IO:
+    # judged by what the pair wanted, a busy machine does not look idle.
+    if (wanted if wanted is not None else parallel) < PAIR_WAITING_BELOW:
+        # Alone it looked busy (a first task's imports and warm-up often do),
+        # but side by side the copies mostly wait: on IO, not on the GIL.
+        return settle(
+            "thread",
+            f"{together}, well under the 1.0 of copies taking turns on the GIL, so the task "
+            "mostly waits (alone, its first tasks used the CPU for "
+            f"{ratio:.0%} of wall time), and threads wait side by side at almost no cost",
+            min(slowdown, 2.0),
+        )
     if gil_bound_small:
-        return small(", and two copies on threads took turns on the GIL")
+        return small(f", and {together}: they took turns on the GIL")
     return settle(
         "process",
-        f"the task computes in pure Python holding the GIL: two copies on threads ran only "
-        f"{parallel:.1f}x as fast as one, so only processes run it in parallel",
+        f"the task computes in pure Python holding the GIL: {together}, as copies taking "
+        "turns on one core do, so only processes run it in parallel",
         min(slowdown, 2.0),
     )
 
 
-__all__ = ["Decision", "is_coroutine_function", "probe", "unmeasured"]
+__all__ = ["Decision", "cannot_ship", "completed", "is_coroutine_function", "probe", "unmeasured"]

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .auto import Decision, probe, unmeasured
+from .auto import Decision, completed, probe, unmeasured
 from .errors import short_repr
 from .options import CallOptions
 from .progress import Progress
@@ -84,6 +84,7 @@ class Run:
         self._pool = pool
         self._chooser = chooser
         self.decision: Decision | None = None
+        self._feed: Any = None  # auto's probe feed, for the evidence that comes late
         self._inputs = inputs
         self._ordered = ordered
         self._options = options
@@ -135,6 +136,7 @@ class Run:
             decision, taken, exhausted = unmeasured(job.fn, why), 0, False
         else:
             decision, feed = probe(job, self._inputs, self._options.window)
+            self._feed = feed
             taken, exhausted = feed.next_index, feed.exhausted
             if feed.error is not None:
                 # Raised once the probe's results before it are delivered.
@@ -202,6 +204,17 @@ class Run:
             self._target._submit_batch(batch, internal=self.background)
             if self._backend.inline:
                 return  # it ran already: look at its outcome before running more
+
+    def _complete_decision(self) -> None:
+        """Add the probe's task times that arrived after auto decided (long tasks)."""
+        if self._feed is None or self.decision is None:
+            return
+        decision = completed(self.decision, self._feed)
+        if decision is not self.decision:
+            for holder in (self._recorder, self._target.insights):
+                if holder is not None and holder.decision is self.decision:
+                    holder.decision = decision
+            self.decision = decision
 
     # -- taking results -------------------------------------------------
 
@@ -304,6 +317,7 @@ class Run:
                     self._in_window -= count
                     continue
                 if self._exhausted and self._unfinished == 0:
+                    self._complete_decision()
                     if self._input_error is not None:
                         raise self._input_error
                     return

@@ -29,7 +29,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..auto import MAX_PROBE_TASKS, Decision
+from ..auto import MAX_PROBE_TASKS, PAIR_WAITING_BELOW, Decision
 from ..pool import Pool
 from ..tasks import is_coroutine_function
 
@@ -230,7 +230,8 @@ def explain(decision: Decision, name: str) -> str:
     ratio = decision.cpu_ratio or 0.0
     per_call = _duration(decision.task_seconds)
     slowdown = decision.parallel_slowdown
-    together = f"{2 / slowdown:.1f}x" if slowdown else "barely faster"
+    cores_together = 2 / slowdown if slowdown else None
+    together = f"{cores_together:.1f}" if cores_together is not None else "n/a"
     backend = decision.backend
     if backend == "async":
         return (
@@ -246,17 +247,25 @@ def explain(decision: Decision, name: str) -> str:
             "Python's GIL, so many threads wait side by side at almost no cost; processes "
             "would wait just as well but cost more to start and to ship data to."
         )
+    if backend == "thread" and (cores_together or 0.0) < PAIR_WAITING_BELOW:
+        return (
+            f"{name} looked busy alone (CPU {ratio:.0%} of its wall time, as first calls "
+            f"that import and warm up often are), but two copies on threads kept only "
+            f"{together} cores busy together, less than the 1.0 of copies taking turns on "
+            "Python's GIL: it mostly waits, and waiting threads run side by side at almost "
+            "no cost."
+        )
     if backend == "thread":
         return (
             f"{name} computes, but in C code that releases Python's GIL (as hashlib, zlib and "
-            f"NumPy do): two copies on threads ran {together} as fast as one. Threads "
+            f"NumPy do): two copies on threads kept {together} cores busy together. Threads "
             "therefore use every core, without copying inputs and results to other processes."
         )
     if backend == "process" and slowdown is not None:
         text = (
             f"{name} computes in pure Python: its CPU was busy {ratio:.0%} of the time, and "
-            f"two copies on threads ran only {together} as fast as one, because threads take "
-            "turns holding Python's GIL. Only separate processes, each with its own "
+            f"two copies on threads kept only {together} cores busy together, because threads "
+            "take turns holding Python's GIL. Only separate processes, each with its own "
             f"interpreter, run it on several cores at once, and at {per_call} a call the "
             "cost of shipping inputs and results to them is small next to the work."
         )
