@@ -70,6 +70,11 @@ def double(x):
     return x * 2
 
 
+def chatty(x):
+    print("chatter", x)
+    return x * 2
+
+
 async def adouble(x):
     await asyncio.sleep(0)
     return x * 2
@@ -699,3 +704,90 @@ def test_the_bar_is_on_by_default_on_a_terminal(tmp_path: Path) -> None:
 
     assert "maptasks.double: 7record" in on_a_terminal("-o", "out.jsonl")
     assert on_a_terminal("-o", "out2.jsonl", "--no-bar").splitlines() == [summary(7, 0, 0)]
+
+
+# -- hostile input (issue 15) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_error", ["raise", "return"])
+def test_a_line_nested_too_deeply_is_malformed_input(on_error: str, tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "in.jsonl").write_text(f"1\n{deep}\n3\n")
+    ran = run("maptasks:double", "in.jsonl", "-o", "out.jsonl", "-k", "--on-error", on_error,
+              cwd=tmp_path)  # fmt: skip
+    assert ran.returncode == 1
+    assert "Traceback" not in ran.stderr
+    out = records(tmp_path / "out.jsonl")
+    if on_error == "raise":  # the input ends there: what came before it is done
+        assert ran.lines[0] == "fenfa map: in.jsonl line 2: not JSON that Python can read: " \
+            "nested too deeply"  # fmt: skip
+        assert [r["output"] for r in out] == [2]
+        return
+    assert [r.get("output") for r in out] == [2, None, 6]  # the rest run
+    assert out[1]["error"]["type"] == "MalformedInput"
+    assert out[1]["error"]["message"].startswith("line 2: ")
+
+
+@pytest.mark.parametrize(
+    ("output", "args", "message"),
+    [
+        ("nodir/out.jsonl", [], "cannot write 'nodir/out.jsonl': no directory 'nodir'"),
+        ("adir", [], "'adir' is a directory"),
+        ("adir", ["--resume"], "'adir' is a directory"),
+        ("other.txt", ["--resume"], "'other.txt' exists and is not a fenfa map OUTPUT"),
+        ("res.jsonl", ["--resume"], "'res.jsonl' exists and is not a fenfa map OUTPUT"),
+        ("-", ["--resume"], "--resume reads what is done from OUTPUT: it needs a file, not -"),
+    ],
+)
+def test_an_unusable_output_is_one_line_and_exit_2_before_any_work(
+    output: str, args: list[str], message: str, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", 1)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "other.txt").write_text("my notes\n")
+    # A fenfa run --results journal is a journal, but not of this kind.
+    (tmp_path / "res.jsonl").write_text('{"key": "k", "seq": 1, "command": "c", "exit": 0}\n')
+    ran = run("maptasks:chatty", "in.jsonl", "-o", output, *args, cwd=tmp_path)
+    assert ran.returncode == 2
+    (line,) = ran.lines
+    assert line.startswith(f"fenfa map: {message}")
+    assert (tmp_path / "other.txt").read_text() == "my notes\n"
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_output_is_created_private(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.jsonl", 1)
+    assert run("maptasks:double", "in.jsonl", "-o", "out.jsonl", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_dash_as_output_is_stdout_and_the_function_prints_to_stderr(
+    backend: str, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", 1, 2)
+    proc = subprocess.run(
+        [*FENFA, "maptasks:chatty", "in.jsonl", "-o", "-", "-k", "--backend", backend],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["output"] for line in proc.stdout.splitlines()] == [2, 4]
+    assert proc.stderr.count("chatter") == 2  # (two threads' prints may interleave)
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_package_named_like_a_standard_module_is_named_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "logging").mkdir()
+    (tmp_path / "logging" / "__init__.py").write_text("x = 1\n")
+    write_input(tmp_path / "in.jsonl", 1, 2)
+    # The installed command, as the user runs it: its sys.path starts at its own
+    # directory, so only the target's import puts this one on it (for the workers).
+    command = Path(sys.executable).with_name("fenfa")
+    proc = subprocess.run(
+        [str(command), "map", "maptasks:double", "in.jsonl", "-o", "out.jsonl", "--backend",
+         "process"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"fenfa map: {tmp_path / 'logging'} has the name of a standard")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -127,6 +127,8 @@ def test_options_are_parsed_and_bad_ones_refused() -> None:
         [":::", "a"],
         ["echo", ":::"],
         ["--resume", "echo", ":::", "a"],
+        ["--timeout", "inf", "echo"],
+        ["echo {3}", ":::", "a", ":::", "b"],
     ],
 )
 def test_bad_usage_is_one_line_and_exit_255(args: list[str], tmp_path: Path) -> None:
@@ -155,6 +157,122 @@ def test_an_input_cannot_inject_a_command(tmp_path: Path) -> None:
     assert not (tmp_path / "INJECTED").exists()
     assert not (tmp_path / "INJECTED2").exists()
     assert "x; touch INJECTED" in proc.stdout
+
+
+PAYLOADS = ["$(touch P1)", "`touch P2`", "'; touch P3; '", '"; touch P4; "', "x\\", "a  b"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "echo {}", 'echo "{}"', "echo '{}'", "echo x{}y", "echo \"<{}>\" '<{}>' ={}=",
+        'echo "{.}" \'{/}\' {//}', 'echo "{1}"', "echo \"$(echo '{}')\"", "echo `echo \"{}\"`",
+        "printf '%s\\n' {} | cat",
+    ],
+)  # fmt: skip
+def test_an_input_is_never_shell_syntax_whatever_the_quoting(template: str, tmp_path: Path) -> None:
+    proc = run("-k", template, ":::", *PAYLOADS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing touched
+    assert proc.stdout.count("touch P") >= 4  # ... each payload was an argument instead
+
+
+@pytest.mark.parametrize(
+    ("template", "value", "want"),
+    [
+        ('echo "{}"', "my file.jpg", "my file.jpg"),
+        ("echo '{}'", "it's  here", "it's  here"),
+        ('echo "{.}"', "my  file.jpg", "my  file"),
+        ("printf '[%s]' {} '{/}'", "/d/a b", "[/d/a b][a b]"),
+        ("test {} = 'a b' && echo same", "a b", "same"),
+        ("echo $(( {} % 10 ))", "17", "7"),
+    ],
+)
+def test_a_quoted_field_is_the_input_itself(
+    template: str, value: str, want: str, tmp_path: Path
+) -> None:
+    proc = run(template, ":::", value, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == want
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "want"),
+    [
+        ('echo "{}"', ("$x `y`",), 'echo "\\$x \\`y\\`"'),
+        ("echo '{}'", ("it's",), "echo 'it'\\''s'"),
+        ('echo "{1}-{2}"', ("a", 'b"'), 'echo "a-b\\""'),
+    ],
+)
+def test_a_shown_command_quotes_each_input_for_where_it_stands(
+    template: str, values: tuple[str, ...], want: str
+) -> None:
+    shown = render(template, values, seq=1, slot=1)
+    assert shown == want
+    assert fenfa.shell(shown).stdout == fenfa.shell(["echo", *values[:1]]).stdout or len(values) > 1
+
+
+def test_a_nul_byte_fails_only_its_job(tmp_path: Path) -> None:
+    proc = run("-k", "--results", "res.jsonl", "--joblog", "log", "echo", cwd=tmp_path,
+               stdin="a\nb\0c\nd\n")  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stdout.split() == ["a", "d"]
+    assert "Traceback" not in proc.stderr
+    assert "an input holds a NUL byte" in proc.stderr
+    by_seq = {r["seq"]: r for r in records(tmp_path / "res.jsonl")}
+    assert sorted(by_seq) == [1, 2, 3]
+    assert (by_seq[2]["input"], by_seq[2]["exit"]) == (["b\0c"], -1)
+    assert "NUL byte" in by_seq[2]["stderr"]
+    assert len((tmp_path / "log").read_text().splitlines()) == 1 + 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--joblog", "nodir/log"], "cannot write 'nodir/log': No such file or directory"),
+        (["--results", "nodir/res.jsonl"], "cannot write 'nodir/res.jsonl'"),
+        (["--results", "adir"], "'adir' is a directory"),
+        (["--joblog", "adir"], "'adir' is a directory"),
+        (["--joblog", "notes.txt"], "'notes.txt' exists and is not a fenfa run --joblog"),
+        (["--results", "notes.txt"], "'notes.txt' exists and is not a fenfa run --results"),
+        (["--results", "log"], "'log' exists and is not a fenfa run --results"),
+        (["--joblog", "res.jsonl"], "'res.jsonl' exists and is not a fenfa run --joblog"),
+        (["--resume", "--results", "adir"], "'adir' is a directory"),
+    ],
+)
+def test_an_unusable_journal_is_one_line_and_exit_255_before_any_job(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    assert run("--joblog", "log", "--results", "res.jsonl", "true", ":::", "a",
+               cwd=tmp_path).returncode == 0  # fmt: skip
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "notes.txt").write_text("precious\n")
+    proc = run(*args, "touch", "RAN", ":::", "a", cwd=tmp_path)
+    assert proc.returncode == 255
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"fenfa run: {message}")
+    assert not (tmp_path / "RAN").exists()
+    assert (tmp_path / "notes.txt").read_text() == "precious\n"
+
+
+def test_journals_are_created_private_and_appended_to_when_of_their_kind(tmp_path: Path) -> None:
+    for _ in range(2):
+        proc = run("--joblog", "log", "--results", "res.jsonl", "echo", ":::", "a", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "log").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "res.jsonl").stat().st_mode & 0o777 == 0o600
+    assert len(records(tmp_path / "res.jsonl")) == 2
+    assert len((tmp_path / "log").read_text().splitlines()) == 1 + 2  # one header
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [("x", TypeError), (True, TypeError), (float("inf"), ValueError), (0, ValueError),
+     (-1.0, ValueError), (float("nan"), ValueError)],
+)  # fmt: skip
+def test_shell_names_a_bad_timeout(timeout: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"fenfa\.shell: timeout must be"):
+        fenfa.shell("true", timeout=timeout)
 
 
 def test_keep_order_and_whole_outputs(tmp_path: Path) -> None:

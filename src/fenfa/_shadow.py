@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["check", "shadowing_files"]
+__all__ = ["check", "check_directory", "shadowing_files"]
 
 
 def _user_dirs() -> list[str]:
@@ -26,25 +26,49 @@ def _user_dirs() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+def _shadowing_in(directory: str) -> list[tuple[str, str]]:
+    """(module name, path) of each module or package in ``directory`` named like a standard one.
+
+    A module is ``NAME.py`` or a compiled ``NAME.*.so``; a package a directory
+    with an ``__init__.py`` (a directory without one is a namespace package,
+    which loses to the standard module wherever that is on ``sys.path``).
+    """
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for entry in sorted(entries):
+        path = os.path.join(directory, entry)
+        if entry.endswith(".py"):
+            name = entry[:-3]
+        elif entry.endswith(".so"):
+            name = entry.split(".", 1)[0]
+        elif os.path.isfile(os.path.join(path, "__init__.py")):
+            name = entry
+        else:
+            continue
+        if name in sys.stdlib_module_names and name != "__main__":
+            found.append((name, path))
+    return found
+
+
 def shadowing_files() -> list[str]:
     """Files or packages beside the script that hide a standard-library module."""
-    found = []
-    for directory in _user_dirs():
-        try:
-            entries = os.listdir(directory)
-        except OSError:
-            continue
-        for entry in sorted(entries):
-            path = os.path.join(directory, entry)
-            if entry.endswith(".py"):
-                name = entry[:-3]
-            elif os.path.isfile(os.path.join(path, "__init__.py")):
-                name = entry
-            else:
-                continue
-            if name in sys.stdlib_module_names and name != "__main__":
-                found.append(path)
-    return found
+    return [path for directory in _user_dirs() for _name, path in _shadowing_in(directory)]
+
+
+def check_directory(directory: str) -> None:
+    """Raise if ``directory``, put first on ``sys.path``, hides a module this process uses.
+
+    For a directory added to ``sys.path`` after the standard modules were
+    imported (``fenfa map`` adds the current one, to import MODULE): they
+    stay right here, but every worker started from now on gets that path
+    and imports the file in their place, and dies before it starts.
+    """
+    wrong = [path for name, path in _shadowing_in(directory) if name in sys.modules]
+    if wrong:
+        raise ImportError(_describe(wrong))
 
 
 def _describe(paths: list[str]) -> str:

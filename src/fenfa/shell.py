@@ -24,6 +24,7 @@ group when this process dies, even by SIGKILL (see :func:`start_guard`).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import shlex
@@ -104,6 +105,7 @@ def shell(
     non-zero exit. In a fenfa task whose call is given up (Ctrl-C, ``break``),
     the group is killed too and the task ends.
     """
+    _check_timeout(timeout)
     args: str | list[str] = cmd if isinstance(cmd, str) else list(cmd)
     data = input.encode() if isinstance(input, str) else input
     start = time.monotonic()
@@ -141,6 +143,21 @@ def shell(
     if check:
         result.check_returncode()
     return result
+
+
+def _check_timeout(timeout: object) -> None:
+    """``timeout`` is a finite positive number of seconds, or None: else say so, by name."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"fenfa.shell: timeout must be a number of seconds or None, got {timeout!r}"
+        )
+    if not 0 < timeout < math.inf:
+        raise ValueError(
+            f"fenfa.shell: timeout must be a finite number of seconds > 0 (or None for no "
+            f"limit), got {timeout!r}"
+        )
 
 
 _HAS_SPAWN = hasattr(os, "posix_spawn") and hasattr(os, "pidfd_open")

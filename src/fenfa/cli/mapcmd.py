@@ -50,6 +50,7 @@ file; 130 after Ctrl-C (as every fenfa command).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -60,16 +61,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
+from .. import _shadow
 from ..backends import default_workers
 from ..errors import UnpicklableError
-from ..journal import Journal, job_key, read_json_records
+from ..journal import Journal, JournalError, Kind, check, job_key, open_journal, read_json_records
 from ..pool import Pool
 from ..tasks import is_coroutine_function
 from ..window import MAX_DEFAULT_WINDOW
-from .advise import BadTarget, _one_line, load_target
+from .advise import BadTarget, _one_line, _output_to_stderr, load_target
 
 PROG = "fenfa map"
 ON_ERROR = ("raise", "return", "skip")
+# What an OUTPUT journal looks like: an existing file that is not one is refused.
+OUTPUT = Kind("a fenfa map OUTPUT", '{"index": ', frozenset({"index", "key", "input"}))
 # (dask: a cluster named by DASK_SCHEDULER_ADDRESS, or a local one started for the run)
 BACKEND_CHOICES = ("auto", "serial", "thread", "process", "async", "dask")
 
@@ -173,6 +177,8 @@ class _Records:
                 reason = f"not UTF-8: {exc.reason} at byte {exc.start}"
             except ValueError as exc:
                 reason = f"not JSON: {' '.join(str(exc).split())}"
+            except RecursionError:  # (json's C decoder nests as deep as the stack allows)
+                reason = "not JSON that Python can read: nested too deeply"
             if reason is not None:
                 if self._stop_at_malformed:
                     self.malformed = (number, reason)
@@ -301,23 +307,58 @@ def _open_input(path: str) -> io.BufferedReader:
 
 
 def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an unusable OUTPUT before any work (creating nothing)."""
     output = args.output
+    if args.resume_failed and not args.resume:
+        raise BadTarget("--resume-failed goes with --resume")
+    if output == "-":
+        if args.resume:
+            raise BadTarget("--resume reads what is done from OUTPUT: it needs a file, not -")
+        return
     exist = args.input != "-" and os.path.exists(output) and os.path.exists(args.input)
     if exist and os.path.samefile(args.input, output):
         raise BadTarget("INPUT and OUTPUT are the same file")
-    if not args.resume and os.path.exists(output) and os.path.getsize(output) > 0:
+    try:
+        check(output, OUTPUT)
+    except JournalError as exc:
+        raise BadTarget(str(exc)) from None
+    regular = os.path.isfile(output)
+    if not args.resume and regular and os.path.getsize(output) > 0:
         raise BadTarget(
             f"{output!r} exists: use --resume to go on where it stopped (it is appended to), "
             "or remove it"
         )
-    if args.resume_failed and not args.resume:
-        raise BadTarget("--resume-failed goes with --resume")
+
+
+def _shown(output: str) -> str:
+    return "stdout" if output == "-" else repr(output)
+
+
+def _check_shadowing(added: list[str]) -> None:
+    """A directory the target's import put on sys.path must not hide a standard module."""
+    for directory in added:
+        try:
+            _shadow.check_directory(directory)
+        except ImportError as exc:
+            raise BadTarget(str(exc)) from None
+
+
+def _open_output(path: str) -> Journal:
+    if path == "-":
+        return Journal(os.dup(sys.stdout.fileno()), None)
+    try:
+        return open_journal(path, OUTPUT)
+    except JournalError as exc:
+        raise BadTarget(str(exc)) from None
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         _check_output(args)
+        path_before = list(sys.path)
         fn, _, code_name = load_target(args.target)
+        if args.backend not in ("serial", "thread", "async"):  # (workers of their own)
+            _check_shadowing([p for p in sys.path if p not in path_before])
         coroutine = is_coroutine_function(fn)
         if coroutine and args.backend not in ("auto", "async"):
             raise BadTarget(f"{code_name} is a coroutine function: use --backend async (or auto)")
@@ -325,9 +366,31 @@ def main(args: argparse.Namespace) -> int:
             raise BadTarget(f"{code_name} is not a coroutine function (async def): --backend async")
         done = _done_keys(args.output, failed_too=not args.resume_failed) if args.resume else None
         stream = _open_input(args.input)
+        try:
+            journal = _open_output(args.output)
+        except BaseException:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+            raise
     except BadTarget as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    # With -o -, stdout holds the records only: what the function prints goes to stderr.
+    with contextlib.ExitStack() as redirect:
+        if args.output == "-":
+            redirect.enter_context(_output_to_stderr())
+        return _map(args, fn, coroutine, code_name, done, stream, journal)
+
+
+def _map(
+    args: argparse.Namespace,
+    fn: Callable[[Any], Any],
+    coroutine: bool,
+    code_name: str,
+    done: Counter[str] | None,
+    stream: io.BufferedReader,
+    journal: Journal,
+) -> int:
     call: Callable[[tuple[int, Any]], Any] = _AsyncCall(fn) if coroutine else _Call(fn)
     kind = "async" if coroutine else "thread" if args.backend == "auto" else args.backend
     window = _window(stream, args.jobs or default_workers(kind))
@@ -336,7 +399,6 @@ def main(args: argparse.Namespace) -> int:
     progress: bool | dict[str, Any] = (
         {"file": sys.stderr, "desc": code_name, "unit": "record"} if bar else False
     )
-    journal = Journal(args.output)
     where = "" if args.input == "-" else f"{args.input} "
     writer = _Writer(journal, records, args.on_error, where)
     try:
@@ -355,7 +417,10 @@ def main(args: argparse.Namespace) -> int:
             )
             try:
                 for result in results:
-                    writer.take(result)
+                    try:
+                        writer.take(result)
+                    except OSError as exc:  # a full disk; a closed pipe (-o - | head)
+                        writer.stopped = f"cannot write {_shown(args.output)}: {exc.strerror}"
                     if writer.stopped is not None:
                         break
             finally:
@@ -403,8 +468,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -427,7 +492,13 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("input", metavar="INPUT.jsonl", help="the records; - for stdin")
     parser.add_argument(
-        "-o", "--output", metavar="OUTPUT.jsonl", required=True, help="where the lines go"
+        "-o",
+        "--output",
+        metavar="OUTPUT.jsonl",
+        required=True,
+        help="where the lines go; - for stdout (then the function's own printing goes to "
+        "stderr, and there is nothing to --resume from). An existing OUTPUT must be one "
+        "fenfa map wrote, and is only appended to, with --resume",
     )
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     parser.add_argument(

@@ -8,9 +8,10 @@ Replacement strings in COMMAND: ``{}`` the input, ``{.}`` without its
 extension, ``{/}`` its base name, ``{//}`` its directory, ``{/.}`` base name
 without extension, ``{#}`` the job's number (from 1), ``{%}`` the slot (the
 worker, from 1), ``{1}`` ``{2}`` ... one input source each (``{1.}`` etc.
-too). Inputs are shell-quoted where they are substituted, so a file named
-``a; rm -rf ~`` is one argument, never a command. With no replacement
-string the inputs are appended.
+too). An input is never text the shell parses, whatever the quoting around
+its field: a file named ``$(rm -rf ~)`` is one argument, never a command
+(see "the template" below). With no replacement string the inputs are
+appended.
 
 Each job runs under ``/bin/sh -c`` in its own process group (see
 :mod:`fenfa.shell`), on a thread pool of ``-j`` workers; its output is
@@ -27,8 +28,10 @@ for bad usage, with a one-line error.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 from .. import journal
 from ..api import imap, imap_unordered
 from ..backends import usable_cores
-from ..shell import ShellResult, shell, start_guard
+from ..shell import ShellResult, _direct, shell, start_guard
 from ..worker import current_slot
 
 USAGE = "usage: fenfa run [OPTIONS] COMMAND [::: ARGS... | :::: FILE...]  (fenfa run --help)"
@@ -52,6 +55,11 @@ BAD_USAGE = 255
 # -j 0: one worker per input, up to this many.
 MAX_JOBS = 256
 JOBLOG_HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand"
+# What the journals look like: a file that is not one of its kind is refused.
+JOBLOG = journal.Kind("a fenfa run --joblog", JOBLOG_HEADER + "\tAttempt\tKey\n")
+RESULTS = journal.Kind(
+    "a fenfa run --results journal", '{"key": "', frozenset({"key", "seq", "command", "exit"})
+)
 
 HELP = (
     __doc__
@@ -69,6 +77,9 @@ Options:
   --resume-failed     ... and run again those that failed
   --dry-run           print the commands, run nothing
   --bar               a progress bar on stderr
+
+A journal (--joblog, --results) is appended to only if it is new, empty, or
+already one of its kind; anything else is refused. New ones are created 0600.
 """
 )
 
@@ -158,7 +169,7 @@ def _set_value(options: Options, name: str, value: str) -> None:
                 raise ValueError
         elif name == "--timeout":
             options.timeout = float(value)
-            if not options.timeout > 0:
+            if not 0 < options.timeout < math.inf:
                 raise ValueError
         elif name == "--retries":
             options.retries = int(value)
@@ -190,8 +201,20 @@ def _read_file(path: str) -> list[str]:
 
 
 # -- the template -----------------------------------------------------------------
+#
+# An input is never text the shell parses. A command with shell syntax runs as
+# ``/bin/sh -c SCRIPT /bin/sh VALUE...``: each field in SCRIPT is a reference to
+# a positional parameter, written for the quoting it stands in (bare: "${1}";
+# inside "...": ${1}; inside '...': '"${1}"', closing and reopening the quotes;
+# in $((...)): ${1}), and the values travel as arguments. A plain word list
+# (no shell syntax, every field bare) is exec'd directly with the values in
+# its argument list, as the shell would have run it, without paying for the
+# shell. Either way a file named ``$(rm -rf ~)`` is one argument. What is
+# shown (--dry-run, the journals) is the same command with the values quoted
+# for where they stand: it does what the run does.
 
 _FIELD = re.compile(r"\{(\d*)(\.|/|//|/\.)?\}|\{#\}|\{%\}")
+_SH = "/bin/sh"
 
 
 def _transform(value: str, how: str | None) -> str:
@@ -207,31 +230,211 @@ def _transform(value: str, how: str | None) -> str:
 
 
 def has_fields(template: str) -> bool:
-    return _FIELD.search(template) is not None
+    return any(isinstance(piece, _Field) for piece in _scan(template))
+
+
+@dataclass(frozen=True)
+class _Field:
+    text: str  # as written: "{}", "{2/.}", "{#}"
+    source: int | None  # 1-based; None: every source ("{}", "{.}" ...)
+    how: str | None  # the transform: None . / // /.
+    quoting: str  # where it stands: "bare", "double", "single" or "arith"
+
+
+def _scan(template: str) -> Iterator[str | _Field]:
+    """The template as literal text and fields, each field with the quoting around it.
+
+    Follows POSIX sh quoting: '...', "...", backslashes, $(...), `...`,
+    $((...)). (A field it places wrongly, say in a here-document, is still
+    only a parameter reference: the value cannot become shell syntax.)
+    """
+    # What the text at i is inside, innermost last ("cmd": bare text in $(...),
+    # "tick": in `...`), and for $(...) and $((...)) how many parentheses are open.
+    inside, depth = ["bare"], [0]
+    i = start = 0
+    n = len(template)
+    while i < n:
+        quoting = inside[-1]
+        char = template[i]
+        if quoting == "single":
+            if char == "'":
+                _leave(inside, depth)
+                i += 1
+                continue
+        elif char == "\\":
+            i += 2  # an escaped character (an escaped "{" starts no field)
+            continue
+        elif template.startswith("$(", i):  # $((...)) arithmetic, or $(...) a command
+            arith = template.startswith("$((", i)
+            _enter(inside, depth, "arith" if arith else "cmd", 2 if arith else 1)
+            i += 3 if arith else 2
+            continue
+        elif char == "`":
+            if quoting == "tick":
+                _leave(inside, depth)
+            else:
+                _enter(inside, depth, "tick", 0)
+            i += 1
+            continue
+        elif quoting == "double":
+            if char == '"':
+                _leave(inside, depth)
+                i += 1
+                continue
+        elif char in "()" and quoting in ("arith", "cmd"):
+            depth[-1] += 1 if char == "(" else -1
+            if depth[-1] == 0:
+                _leave(inside, depth)
+            i += 1
+            continue
+        elif quoting != "arith" and char in "'\"":
+            _enter(inside, depth, "single" if char == "'" else "double", 0)
+            i += 1
+            continue
+        match = _FIELD.match(template, i) if char == "{" else None
+        if match is None:
+            i += 1
+            continue
+        if start < i:
+            yield template[start:i]
+        text = match.group(0)
+        number, how = match.group(1), match.group(2)
+        where = "bare" if quoting in ("cmd", "tick") else quoting
+        yield _Field(text, int(number) if number else None, how, where)
+        i = start = match.end()
+    if start < n:
+        yield template[start:]
+
+
+def _enter(inside: list[str], depth: list[int], quoting: str, parentheses: int) -> None:
+    inside.append(quoting)
+    depth.append(parentheses)
+
+
+def _leave(inside: list[str], depth: list[int]) -> None:
+    if len(inside) > 1:  # (an unbalanced closer is the shell's error to report)
+        inside.pop()
+        depth.pop()
+
+
+def _quote(value: str, quoting: str) -> str:
+    """``value`` written so that the shell reads it back, where it stands (for display)."""
+    if quoting == "bare":
+        return shlex.quote(value)
+    if quoting == "single":
+        return value.replace("'", "'\\''")
+    return re.sub(r'([\\$`"])', r"\\\1", value)  # inside "..." (and $((...)))
+
+
+class Template:
+    """A command template, compiled once: how each job's command is made and shown."""
+
+    def __init__(self, template: str, sources: int) -> None:
+        self.template = template
+        self.sources = sources
+        self.pieces = list(_scan(template))
+        fields = [p for p in self.pieces if isinstance(p, _Field)]
+        for f in fields:
+            if f.source is not None and not 1 <= f.source <= sources:
+                raise UsageError(f"{f.text} in the command, but there are {sources} sources")
+        # Positional parameters: the sources' values, then each transformed value.
+        self.derived: list[tuple[int | None, str]] = list(
+            dict.fromkeys((f.source, f.how) for f in fields if f.how is not None)
+        )
+        self.argv = self._words()
+        self.script = "".join(self._reference(p) for p in self.pieces)
+
+    def _parameters(self, f: _Field) -> list[int]:
+        if f.how is not None:
+            return [self.sources + 1 + self.derived.index((f.source, f.how))]
+        return [f.source] if f.source is not None else list(range(1, self.sources + 1))
+
+    def _reference(self, piece: str | _Field) -> str:
+        if isinstance(piece, str):
+            return piece
+        if piece.text in ("{#}", "{%}"):
+            return piece.text  # (replaced by digits per job: safe in any quoting)
+        numbers = self._parameters(piece)
+        if piece.quoting == "bare":
+            return " ".join(f'"${{{k}}}"' for k in numbers)
+        joined = " ".join(f"${{{k}}}" for k in numbers)
+        return f"'\"{joined}\"'" if piece.quoting == "single" else joined
+
+    def _words(self) -> list[list[str | _Field]] | None:
+        """The template as words of text and fields, if it can be exec'd without a shell."""
+        if any(isinstance(p, _Field) and p.quoting != "bare" for p in self.pieces):
+            return None
+        marks: dict[str, _Field] = {}
+        text = ""
+        for piece in self.pieces:
+            if isinstance(piece, str):
+                text += piece
+            else:
+                mark = f"\ue000{len(marks)}\ue001"  # (private-use characters: plain words)
+                marks[mark] = piece
+                text += mark
+        if _direct(text) is None:  # shell syntax, or not a program on PATH
+            return None
+        words = shlex.split(text)
+        if "\ue000" in words[0]:
+            return None  # the program is an input: let the shell find it
+        split = re.compile("(\ue000\\d+\ue001)")
+        return [
+            [marks.get(part, part) for part in split.split(word) if part] or [""] for word in words
+        ]
+
+    def _values(self, f: _Field, values: Sequence[str], seq: int, slot: int) -> list[str]:
+        if f.text == "{#}":
+            return [str(seq)]
+        if f.text == "{%}":
+            return [str(slot)]
+        if f.source is not None:
+            return [_transform(values[f.source - 1], f.how)]
+        if f.how is None:
+            return list(values)
+        return [_transform(" ".join(values), f.how)]
+
+    def command(self, values: Sequence[str], seq: int, slot: int) -> list[str]:
+        """The argument list to run: the program and its arguments, or sh -c and the values."""
+        if self.argv is not None:
+            argv: list[str] = []
+            for word in self.argv:
+                argv.append("")
+                for piece in word:
+                    if isinstance(piece, str):
+                        argv[-1] += piece
+                        continue
+                    first, *more = self._values(piece, values, seq, slot)
+                    argv[-1] += first
+                    argv.extend(more)
+            return argv
+        script = self.script
+        if "{#}" in script or "{%}" in script:
+            script = script.replace("{#}", str(seq)).replace("{%}", str(slot))
+        derived = [
+            _transform(values[s - 1] if s is not None else " ".join(values), how)
+            for s, how in self.derived
+        ]
+        return [_SH, "-c", script, _SH, *values, *derived]
+
+    def render(self, values: Sequence[str], seq: int, slot: int) -> str:
+        """The command as text, each value quoted for where it stands (what is shown)."""
+        out = []
+        for piece in self.pieces:
+            if isinstance(piece, str):
+                out.append(piece)
+                continue
+            shown = self._values(piece, values, seq, slot)
+            if piece.quoting == "bare":
+                out.append(" ".join(_quote(v, "bare") for v in shown))
+            else:
+                out.append(_quote(" ".join(shown), piece.quoting))
+        return "".join(out)
 
 
 def render(template: str, values: Sequence[str], seq: int, slot: int) -> str:
-    """The command for one job: fields replaced, inputs shell-quoted."""
-
-    def replace(match: re.Match[str]) -> str:
-        text = match.group(0)
-        if text == "{#}":
-            return str(seq)
-        if text == "{%}":
-            return str(slot)
-        number, how = match.group(1), match.group(2)
-        if number:
-            position = int(number)
-            if not 1 <= position <= len(values):
-                raise UsageError(f"{text} in the command, but there are {len(values)} sources")
-            value = values[position - 1]
-        else:
-            value = " ".join(values)
-            if how is None:
-                return " ".join(shlex.quote(v) for v in values)
-        return shlex.quote(_transform(value, how))
-
-    return _FIELD.sub(replace, template)
+    """The command for one job as text, values quoted where they stand."""
+    return Template(template, len(values)).render(values, seq, slot)
 
 
 # -- jobs -------------------------------------------------------------------------
@@ -247,11 +450,18 @@ class Job:
 @dataclass
 class Done:
     job: Job
-    command: str
-    result: ShellResult | None  # None: timed out
+    template: Template
+    slot: int
+    result: ShellResult | None  # None: timed out, or could not start (error)
     attempt: int
     start: float
     skipped: bool = False
+    error: str | None = None  # why the command could not start
+
+    @functools.cached_property
+    def command(self) -> str:
+        """The command as shown (journals, messages): computed only when one needs it."""
+        return self.template.render(self.job.values, self.job.seq, self.slot)
 
     @property
     def exit(self) -> int:
@@ -261,9 +471,9 @@ class Done:
 
     @property
     def signal(self) -> int:
-        if self.result is None:
+        if self.result is None and self.error is None:
             return 9  # killed on its timeout
-        return self.result.signal or 0
+        return self.result.signal or 0 if self.result is not None else 0
 
     @property
     def failed(self) -> bool:
@@ -303,16 +513,21 @@ def _done_keys(options: Options) -> set[str]:
 class Runner:
     """Runs the jobs, writes the journals, tells the caller's loop what happened."""
 
-    def __init__(self, options: Options, template: str) -> None:
+    def __init__(self, options: Options, template: Template) -> None:
         self.options = options
         self.template = template
         self.host = socket.gethostname()
-        self.joblog = (
-            journal.Journal(options.joblog, header=JOBLOG_HEADER + "\tAttempt\tKey")
-            if options.joblog
-            else None
-        )
-        self.results = journal.Journal(options.results) if options.results else None
+        self.joblog = self.results = None
+        try:
+            if options.joblog:
+                self.joblog = journal.open_journal(
+                    options.joblog, JOBLOG, header=JOBLOG_HEADER + "\tAttempt\tKey"
+                )
+            if options.results:
+                self.results = journal.open_journal(options.results, RESULTS)
+        except journal.JournalError as exc:
+            self.close()
+            raise UsageError(str(exc)) from None
         # --halt: set by the job that meets the condition, so no job starts
         # after it (the workers run ahead of the printing loop).
         self.stop_starting = threading.Event()
@@ -328,18 +543,21 @@ class Runner:
         """A task on a worker thread: every attempt, journaled as it ends."""
         mark = current_slot()
         slot = (mark.id if mark is not None and mark.id is not None else 0) + 1
-        command = render(self.template, job.values, job.seq, slot)
         if self.stop_starting.is_set():
-            return Done(job, command, None, 0, time.time(), skipped=True)
+            return Done(job, self.template, slot, None, 0, time.time(), skipped=True)
+        argv = self.template.command(job.values, job.seq, slot)
         attempt = 0
         while True:
             attempt += 1
             start = time.time()
+            error = None
             try:
-                result: ShellResult | None = shell(command, timeout=self.options.timeout)
+                result: ShellResult | None = shell(argv, timeout=self.options.timeout)
             except subprocess.TimeoutExpired:
                 result = None
-            done = Done(job, command, result, attempt, start)
+            except (OSError, ValueError) as exc:  # it could not start: this job fails
+                result, error = None, _cannot_start(argv, exc)
+            done = Done(job, self.template, slot, result, attempt, start, error=error)
             self._log(done, time.time() - start)
             if not done.failed or attempt > self.options.retries:
                 self._record(done)
@@ -364,7 +582,7 @@ class Runner:
         result = done.result
         sent = 0
         received = len(result.stdout) + len(result.stderr) if result is not None else 0
-        command = done.command.replace("\t", " ").replace("\n", " ")
+        command = re.sub(r"[\t\n\r\0]", " ", done.command)
         self.joblog.write(
             f"{done.job.seq}\t{self.host}\t{done.start:.3f}\t{runtime:.3f}\t{sent}\t"
             f"{received}\t{done.exit}\t{done.signal}\t{command}\t{done.attempt}\t{done.job.key}"
@@ -382,17 +600,27 @@ class Runner:
             "exit": done.exit,
             "signal": done.signal,
             "stdout": result.text if result is not None else "",
-            "stderr": result.error_text if result is not None else "",
+            "stderr": result.error_text if result is not None else done.error or "",
             "start": round(done.start, 6),
             "duration": round(result.duration, 6) if result is not None else None,
             "attempt": done.attempt,
-            "timed_out": result is None,
+            "timed_out": result is None and done.error is None,
         }
         self.results.write(json.dumps(record, ensure_ascii=False))
 
 
+def _cannot_start(argv: list[str], exc: Exception) -> str:
+    if any("\0" in arg for arg in argv):
+        return "fenfa run: cannot start the command: an input holds a NUL byte"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"fenfa run: cannot start the command: {reason}"
+
+
 def _emit(done: Done) -> None:
     result = done.result
+    if done.error is not None:
+        print(f"{done.error} (job {done.job.seq}: {done.command})", file=sys.stderr, flush=True)
+        return
     if result is None:
         print(
             f"fenfa run: job {done.job.seq} timed out after {done.attempt} attempt(s): "
@@ -421,34 +649,38 @@ def main(argv: Sequence[str]) -> int:
     except UsageError as exc:
         print(f"fenfa run: {exc}\n{USAGE}", file=sys.stderr)
         return BAD_USAGE
-    template = " ".join(options.command)
-    if not has_fields(template):
-        template += " {}"
+    text = " ".join(options.command)
+    if not has_fields(text):
+        text += " {}"
     try:
-        return _run(options, template)
+        return _run(options, Template(text, max(1, len(options.sources))))
     except UsageError as exc:
         print(f"fenfa run: {exc}", file=sys.stderr)
         return BAD_USAGE
 
 
-def _jobs(options: Options, template: str, skip: set[str]) -> Iterator[Job]:
+def _jobs(options: Options, template: Template, skip: set[str]) -> Iterator[Job]:
     for seq, values in enumerate(inputs(options.sources), 1):
-        key = journal.job_key(template, json.dumps(list(values)))
+        key = journal.job_key(template.template, json.dumps(list(values)))
         if key not in skip:
             yield Job(seq, values, key)
 
 
-def _run(options: Options, template: str) -> int:
+def _run(options: Options, template: Template) -> int:
     if options.dry_run:
         for job in _jobs(options, template, set()):
-            print(render(template, job.values, job.seq, 1))
+            print(template.render(job.values, job.seq, 1))
         return 0
-    skip = _done_keys(options) if options.resume else set()
+    runner = Runner(options, template)  # (the journals: refused before any job runs)
+    try:
+        skip = _done_keys(options) if options.resume else set()
+    except BaseException:
+        runner.close()
+        raise
     workers = options.jobs if options.jobs else None
     if options.jobs == 0:
         workers = min(MAX_JOBS, max(1, _count(options.sources)))
     start_guard()  # before the worker threads start: it forks
-    runner = Runner(options, template)
     failed = succeeded = 0
     call = imap if options.keep_order else imap_unordered
     results: Iterable[Done] = call(
