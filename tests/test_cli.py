@@ -60,3 +60,33 @@ def test_bad_usage_is_a_one_line_error() -> None:
     )
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
+
+
+def test_version_is_printed() -> None:
+    from importlib import metadata
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fenfa", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    assert proc.stdout == f"fenfa {metadata.version('fenfa')}\n"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("html", ["nodir/b.html", "adir"])
+def test_bench_refuses_an_unusable_html_path_before_any_work(
+    html: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fenfa.cli.bench
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(fenfa.cli.bench, "run_bench", must_not_run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    assert main(["bench", "--quick", "--html", html]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fenfa bench: ")
+    assert html in err
+    assert err.count("\n") == 1

@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+
+def unwritable(path: str) -> str | None:
+    """Why no file can be written at ``path``, or None: checked before a command's work."""
+    if os.path.isdir(path):
+        return f"{path!r} is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else f"cannot write {path!r}: permission denied"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"cannot write {path!r}: no directory {parent!r}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write {path!r}: the directory {parent!r} is not writable"
+    return None
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fenfa")
+    except metadata.PackageNotFoundError:  # (run from a source tree, not installed)
+        from .. import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and see how it went."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"fenfa {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench.add_parser(commands)
     advise.add_parser(commands)
@@ -53,4 +80,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-__all__ = ["main"]
+__all__ = ["main", "unwritable"]

@@ -26,6 +26,7 @@ from ..backends import usable_cores
 from ..insights import Insights
 from ..timeline import render
 from ..worker import current_worker
+from . import unwritable
 
 
 def io_task(seconds: float) -> tuple[int, str, float]:
@@ -158,6 +159,9 @@ def format_table(rows: list[Row], quick: bool) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.html and (why := unwritable(args.html)) is not None:
+        print(f"fenfa bench: {why}", file=sys.stderr)  # (before the benchmark, not after)
+        return 2
     timelines: list[tuple[str, Insights]] | None = [] if args.html else None
     rows = run_bench(args.quick, timelines)
     if args.html and timelines is not None:
