@@ -38,6 +38,12 @@ Where the standard library hangs or misbehaves, fenfa's behaviour wins:
   batches by measured task time (the stdlib's: a quarter of the input per
   worker); ``maxtasksperchild`` counts calls, not chunks; an exception carries
   a note naming the failed task's index and input.
+- An argument that will not pickle fails its task with ``SerializationError``
+  (the stdlib's raises the pickling error itself); an input that raises
+  mid-``imap`` comes after every result before it, whatever the chunk size
+  (the stdlib's loses the rest of that chunk).
+- No ``ResourceWarning`` for a pool dropped unclosed (fenfa lets its workers
+  go when it is collected); ``_pool`` is fenfa's pool, not a list of workers.
 - ``processes=None`` is the number of CPUs this process may use (affinity),
   not ``os.cpu_count()``; workers are named by fenfa, not ``ForkPoolWorker-N``.
 """
