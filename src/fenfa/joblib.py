@@ -153,13 +153,14 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):
     options are fenfa Pool options (``retries``, ``timeout`` per joblib
     batch, ``insights``, ``initializer``, ``native_threads``,
     ``start_method``, ``max_tasks_per_worker``, ``worker_output``,
-    ``address``). ``n_jobs`` is the number of workers; ``-1``, the default
-    here, is every usable core.
+    ``address``). ``n_jobs`` is the number of workers (``-1``: every usable
+    core; ``None``, as on joblib's own backends: 1, the caller runs the tasks).
     """
 
-    #: ``Parallel()`` without ``n_jobs`` inside ``parallel_config(backend=Backend(...))``
-    #: uses every core, as fenfa's pools do (joblib's own default is 1).
-    default_n_jobs = -1
+    #: ``Parallel(n_jobs=None)`` runs in the caller, as on loky: scikit-learn
+    #: leaves n_jobs at None where parallelism does not pay (a forest's refit
+    #: of 10 trees sent to processes took ~60 ms more than fitting it in place).
+    default_n_jobs = 1
     supports_retrieve_callback = True
     supports_inner_max_num_threads = True
     # The class defaults describe the default backend, "process"; each
