@@ -131,11 +131,16 @@ def stop_running(pool: Pool, futures: set[Future[Any]]) -> bool:
     False when the backend cannot stop a running task (threads). Reaches into
     the pool: fenfa has no public "cancel this future even while it runs".
     """
-    backend = pool._backend
-    if backend is None or backend.name != "process":
+    # Each private name is looked up defensively: if the pool's insides change,
+    # the call is then treated as unstoppable (its pool retired), not broken.
+    backend = getattr(pool, "_backend", None)
+    lock = getattr(pool, "_lock", None)
+    held = getattr(pool, "_futures", None)
+    if getattr(backend, "name", None) != "process" or lock is None or held is None:
         return False
-    with pool._lock:
-        jobs = [job for job in pool._futures if job.future in futures]
+    assert backend is not None
+    with lock:
+        jobs = [job for job in held if getattr(job, "future", None) in futures]
     for job in jobs:
         job.retries = 0  # killed on purpose: not a crash to retry
         backend.abandon(job)
