@@ -163,6 +163,9 @@ class Insights:
 
     def __init__(self) -> None:
         self.decision: Decision | None = None
+        #: Tasks that ran again because their results died with a crashed
+        #: worker (counted whether or not records are kept).
+        self.reruns = 0
         self._pieces: list[_Piece] = []
         self._raw: list[tuple[Any, ...]] = []  # pieces as recorded, not yet read
         self._lock = threading.Lock()

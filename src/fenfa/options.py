@@ -6,6 +6,7 @@ option and what was wrong, not when a worker first trips over it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,9 +61,12 @@ class CallOptions:
         if self.timeout is not None and (
             not isinstance(self.timeout, int | float)
             or isinstance(self.timeout, bool)
-            or not self.timeout > 0
+            or not 0 < self.timeout < math.inf
         ):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+            raise ValueError(
+                f"timeout must be a finite number of seconds > 0 (None for no limit), "
+                f"got {self.timeout!r}"
+            )
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
         if self.on_error not in ON_ERROR:

@@ -44,7 +44,10 @@ class _FutureJob(Job):
     def __init__(
         self, pool: Pool, fn: Callable[..., Any], retries: int, timeout: float | None
     ) -> None:
-        super().__init__(fn, Style.CALL, self._done)
+        # ``deliver`` is a method, not a bound method stored on the job: no
+        # reference cycle keeps the callable and its arguments alive after
+        # the call (as concurrent.futures frees them, bpo-16284).
+        super().__init__(fn, Style.CALL, None)
         self.pool = pool
         self.retries = retries
         self.timeout = timeout
@@ -76,7 +79,7 @@ class _FutureJob(Job):
     def dropped(self) -> bool:
         return self.future.cancelled()
 
-    def _done(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
+    def deliver(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         piece = pieces[0]
         if self.future.done():
             return  # e.g. failed by a shutdown while an abandoned thread ran it
@@ -222,6 +225,8 @@ class Pool:
             _shadow.check()  # a file beside the script hides a standard module?
             raise
         self._backend = backend
+        if hasattr(backend, "reruns"):
+            backend.insights = self.insights  # type: ignore[attr-defined]
         self.backend = name
         self.workers = backend.workers
         # A pool dropped without shutdown() still lets its workers go: as
@@ -398,7 +403,7 @@ class Pool:
                 iterables[0],
                 total=total,
                 ordered=ordered,
-                    options=options,
+                options=options,
             )
         return self._run(
             fn,

@@ -140,11 +140,12 @@ class Job:
         self,
         fn: Callable[..., Any],
         style: Style,
-        deliver: Callable[[Batch, list[Piece], float], None],
+        deliver: Callable[[Batch, list[Piece], float], None] | None,
     ) -> None:
         self.fn = fn
         self.style = style
-        self.deliver = deliver
+        if deliver is not None:  # (None: a subclass defines ``deliver`` as a method)
+            self.deliver = deliver
         self.cancelled = False
         # Seconds each task may run (the ``timeout`` option), or None.
         self.timeout: float | None = None
@@ -274,6 +275,7 @@ def run_batch(
     stream: bool,
     on_error: Callable[[BaseException], Any],
     stop: bool = False,
+    marks: Any = None,
 ) -> int:
     """Run ``call`` over ``items`` and hand the pieces to ``emit``.
 
@@ -283,7 +285,9 @@ def run_batch(
     reported (a local backend attaches the traceback; a process worker packs
     it). Every ``BaseException`` is the task's failure: a task that raises
     ``SystemExit`` fails, it does not stop the worker. With ``stop``, the
-    batch ends at its first failure. Returns the count run.
+    batch ends at its first failure. With ``marks`` (a process worker's
+    shared words), each task's index is stored before it runs, so a parent
+    whose worker died knows which task killed it. Returns the count run.
     """
     try:
         running = _running
@@ -292,6 +296,8 @@ def run_batch(
             running.values = None
             for index, item in enumerate(items, start):
                 running.index = index
+                if marks is not None:
+                    marks[1] = index  # (shared with the parent: which task runs)
                 try:
                     value = call(item)
                 except BaseException as exc:
@@ -329,6 +335,10 @@ def run_batch(
         return first + len(values) - start
     finally:
         _running.values = _running.index = None  # (nor hold the last results)
+        # A task's exception keeps its frame, whose f_back is this one: what
+        # this frame holds must not lead back to that exception (the pieces,
+        # through emit), or a cycle keeps the call's arguments alive.
+        del emit, call, items
 
 
 def attach_traceback(exc: BaseException) -> BaseException:

@@ -62,6 +62,27 @@ def from_input(exc: Exception, given: int) -> Exception:
 _stages: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
 
 
+class _Report:
+    """A job's ``deliver``: puts what a backend reports on the run's queue."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, results: queue.SimpleQueue[tuple[Batch, list[Piece], float]]) -> None:
+        self._queue: queue.SimpleQueue[tuple[Batch, list[Piece], float]] | None = results
+
+    def __call__(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
+        results = self._queue
+        if results is not None:
+            results.put((batch, pieces, busy))
+
+    def close(self) -> None:
+        """The call is over: drop what came and what comes (a batch queued
+        here refers to the job, whose ``deliver`` is this: a cycle)."""
+        results, self._queue = self._queue, None
+        while results is not None and not results.empty():
+            results.get_nowait()
+
+
 class Run:
     """One call over many inputs: window, batches, retries, errors, order."""
 
@@ -83,6 +104,7 @@ class Run:
         # first tasks are measured: see _settle.
         self._pool = pool
         self._chooser = chooser
+        self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
         self.decision: Decision | None = None
         self._feed: Any = None  # auto's probe feed, for the evidence that comes late
         self._inputs = inputs
@@ -92,12 +114,15 @@ class Run:
         # A run driven in the background (map_async) was accepted whole: it
         # may go on pulling input after shutdown() has been called.
         self.background = False
-        self._job = Job(fn, style, self._deliver)
+        # The job reports to the queue, not to this run: no reference cycle,
+        # so what the call holds (its function, its inputs) is freed as soon
+        # as the call ends, without waiting for the cycle collector.
+        self._report = _Report(self._results)
+        self._job = Job(fn, style, self._report)
         self._job.timeout = options.timeout
         # Nothing after a failure will be used: a backend that runs tasks in
         # order (serial) stops there, as builtins.map does.
         self._job.stop_on_error = options.on_error == "raise" and options.retries == 0
-        self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
         self._total = total
         if chooser is None:
             assert pool is not None
@@ -119,9 +144,6 @@ class Run:
         if recorder is not None:
             self._call = recorder.new_call()
             self._job.timed = True
-
-    def _deliver(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
-        self._results.put((batch, pieces, busy))
 
     # -- pulling input --------------------------------------------------
 
@@ -273,7 +295,11 @@ class Run:
             elif options.on_error == "skip":
                 self._put(index, 1, [])
             elif not self._ordered:
-                raise error
+                del piece, pieces  # (no cycle through this frame: see pieces())
+                try:
+                    raise error
+                finally:
+                    del error
             else:
                 # Raised when the consumer reaches it, as builtins.map raises
                 # the first failure in input order; nothing after it is needed.
@@ -310,7 +336,14 @@ class Run:
                 if entry is not None:
                     count, values = entry
                     if isinstance(values, BaseException):
-                        raise values
+                        # No local refers to the exception as it leaves: its
+                        # traceback holds this frame, and a cycle through it
+                        # would keep the call's function and inputs alive.
+                        error, entry, values = values, None, []
+                        try:
+                            raise error
+                        finally:
+                            del error
                     if self._progress is not None:
                         self._progress.advance(count)
                     yield values
@@ -364,6 +397,10 @@ class Run:
         if backend is not None:
             backend.drop(self._job)
         self._job.release_shared()
+        # Nothing waits for results now: free them, and what they refer to.
+        self._report.close()
+        self._ready.clear()
+        self._out.clear()
         upstream = self._inputs
         if upstream in _stages:
             upstream.close()  # type: ignore[attr-defined]

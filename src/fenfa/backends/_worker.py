@@ -13,7 +13,7 @@ side always knows which tasks a failed body stood for).
 Parent -> worker::
 
     FUNC   header (key,)                                    body: cloudpickled function
-    BATCH  header (batch_id, key, style, start, count, stream, timed)  body: pickled items
+    BATCH  header (batch_id, key, style, start, count, mode, timed)    body: pickled items
     FORGET header (paths, keys)  shared segments released: drop their mappings and
            the functions that refer to them (the parent's mirror drops them too)
     STOP   -
@@ -77,6 +77,13 @@ NATIVE_THREAD_VARIABLES = (
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
 )
+
+
+# How a batch reports (the BATCH header's mode): all at the end; all at the
+# end with each task's index stored in the worker's shared marks; task by task.
+FAST_MODE = 0
+MARKED_MODE = 1
+STREAM_MODE = 2
 
 
 def frame(kind: bytes, header: Any, body: bytes = b"") -> bytes:
@@ -223,10 +230,13 @@ def _serve_batch(
     header: Any,
     body: memoryview,
     budget: int | None,
+    marks: Any,
 ) -> int:
     """Run one BATCH frame and report it; returns how many tasks ran."""
-    batch_id, _key, style, start, count, stream, timed = header
-    reporter = _Reporter(send, batch_id, stream)
+    batch_id, _key, style, start, count, mode, timed = header
+    # mode: FAST (results at the end, no per-task work), MARKED (results at
+    # the end, each task's index stored in the shared marks) or STREAM.
+    reporter = _Reporter(send, batch_id, mode == STREAM_MODE)
     try:
         if isinstance(fn, BaseException):
             raise fn
@@ -248,8 +258,19 @@ def _serve_batch(
     if budget is not None and budget < count:
         items = items[:budget]
     emit = Stamper(reporter.emit) if timed else reporter.emit
+    marked = marks if mode == MARKED_MODE else None
+    if marked is not None:
+        marked[0], marked[1] = batch_id, start
     try:
-        return run_batch(caller(fn, Style(style)), start, items, emit, stream, pack_exception)
+        return run_batch(
+            caller(fn, Style(style)),
+            start,
+            items,
+            emit,
+            mode != FAST_MODE,
+            pack_exception,
+            marks=marked,
+        )
     finally:
         # A line the batch left unfinished goes out before its results.
         for stream_ in _relayed:
@@ -332,6 +353,7 @@ def worker_main(
     parent: int,
     native_threads: int | None,
     log_levels: dict[str, int] | None,
+    marks: Any = None,
 ) -> None:
     # Under fork the child inherits the parent's write end too: close it, or
     # the parent's death would never read as end of file.
@@ -388,7 +410,7 @@ def worker_main(
         key = header[1]
         fn = functions[key]
         functions.move_to_end(key)
-        ran = _serve_batch(send, fn, header, body, budget)
+        ran = _serve_batch(send, fn, header, body, budget, marks)
         if budget is not None:
             budget -= ran
             if budget <= 0:

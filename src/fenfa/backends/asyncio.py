@@ -298,7 +298,12 @@ class AsyncBackend(Backend):
         if job.timed:
             # (No CPU time: the coroutines of the loop share one thread.)
             piece.times = (started, time.monotonic(), None, who_runs())
-        return piece, time.perf_counter() - begin
+        try:
+            return piece, time.perf_counter() - begin
+        finally:
+            # The exception's traceback holds this frame: no cycle through it
+            # keeping the task's function and input alive (see run_batch).
+            del piece
 
     async def _run_plain(
         self, call: Callable[[Any], Any], item: Any, index: int, limit: float | None
@@ -326,6 +331,8 @@ class AsyncBackend(Backend):
         finally:
             if future.cancelled():  # its thread may go on: shutdown cannot join it
                 self._threads_abandoned = True
+            # The future holds the task's exception, whose traceback holds this frame.
+            del future
 
     def _in_thread(self, call: Callable[[Any], Any], item: Any) -> Any:
         previous = set_slot(0, self.name, self._state)

@@ -67,15 +67,18 @@ from ..tasks import Batch, Err, Job, Ok, Piece, Style
 from . import _worker, usable_cores
 from ._worker import (
     BATCH,
+    FAST_MODE,
     FORGET,
     FUNC,
     INIT_FAILED,
     LOG,
+    MARKED_MODE,
     OUTPUT,
     READY,
     RESULT,
     RETIRE,
     STOP,
+    STREAM_MODE,
     frame,
     unframe,
 )
@@ -91,6 +94,15 @@ PREFETCH_BELOW_SECONDS = 0.05
 # a few microseconds, so one per task costs at most ~2% above this; shorter
 # tasks report once per batch.
 STREAM_ABOVE_SECONDS = 0.0002
+# The manager wakes at least this often, whatever the deadlines.
+MAX_WAIT_SECONDS = 3600.0
+# Tasks expected to take longer than this (and shorter than the above) report
+# at the end of their batch but store their index in a word the parent reads
+# when the worker dies: the task that killed it fails once, without being run
+# again to find it. One store costs ~50 ns, at most 1% above this; shorter
+# tasks keep the loop that runs in C, and a crash among them may run the
+# crashing task a second time (streamed, to pin it).
+MARK_ABOVE_SECONDS = 5e-6
 # How long a stopping worker may take to exit before it is killed.
 STOP_GRACE_SECONDS = 2.0
 # shutdown(cancel_futures=True): how long running tasks may take to finish
@@ -174,6 +186,7 @@ class _Worker:
         "conn",
         "functions",
         "id",
+        "marks",
         "outbox",
         "process",
         "ready",
@@ -183,8 +196,10 @@ class _Worker:
         "task_started",
     )
 
-    def __init__(self, worker_id: int, process: Any, conn: Any) -> None:
+    def __init__(self, worker_id: int, process: Any, conn: Any, marks: Any) -> None:
         self.id = worker_id
+        # Shared with the worker: (batch id, index of the task it runs), for MARKED batches.
+        self.marks = marks
         self.process = process
         self.conn = conn
         # The same socket as ``conn``, for the raw out-of-band result buffers.
@@ -212,6 +227,9 @@ class _Worker:
                 self.conn.send_bytes(data)
             except OSError:
                 return  # the worker is gone; the manager reaps it and requeues
+            except Exception as exc:  # a bug of fenfa's: never a silent, starved worker
+                self.kill(FenfaError(f"fenfa could not send a batch to worker {self.id}: {exc!r}"))
+                return
 
     def deadline(self) -> float | None:
         if not self.batches or self.blame is not None:
@@ -294,6 +312,9 @@ class ProcessBackend(Backend):
         self._terminated = False
         self._stopped = False
         self.broken: BaseException | None = None
+        #: Tasks run again because their results died with a crashed worker.
+        self.reruns = 0
+        self.insights: Any = None  # the pool's Insights, which counts them too
         # Workers that died before they were ready, in a row: a pool whose
         # workers cannot even start must fail its tasks, not respawn forever.
         self._failed_starts = 0
@@ -323,6 +344,7 @@ class ProcessBackend(Backend):
     def _start_worker(self) -> None:
         worker_id = next(self._ids)
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        marks = self._ctx.RawArray("q", [-1, -1])
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker.worker_main,
             name=f"fenfa-process-{worker_id}",
@@ -336,6 +358,7 @@ class ProcessBackend(Backend):
                 os.getpid(),
                 self.native_threads,
                 relay.levels() if self.worker_output == "relay" else None,
+                marks,
             ),
         )
         try:
@@ -343,7 +366,7 @@ class ProcessBackend(Backend):
         finally:
             child_conn.close()
         try:
-            worker = _Worker(worker_id, process, parent_conn)
+            worker = _Worker(worker_id, process, parent_conn, marks)
         except BaseException:
             process.kill()
             process.join()
@@ -456,13 +479,26 @@ class ProcessBackend(Backend):
             or batch.expected / count > STREAM_ABOVE_SECONDS
         )
 
+    @staticmethod
+    def _marks(batch: Batch) -> bool:
+        count = len(batch.items)
+        return (
+            count > 1 and batch.expected is not None and batch.expected / count > MARK_ABOVE_SECONDS
+        )
+
+    @classmethod
+    def _mode(cls, batch: Batch) -> int:
+        if cls._streams(batch):
+            return STREAM_MODE
+        return MARKED_MODE if cls._marks(batch) else FAST_MODE
+
     @classmethod
     def _frame(cls, batch: Batch, body: bytes) -> bytes:
         job = batch.job
         assert job.payload is not None
         count = len(batch.items)
-        stream = cls._streams(batch)
-        header = (batch.id, job.payload[0], int(job.style), batch.start, count, stream, job.timed)
+        mode = cls._mode(batch)
+        header = (batch.id, job.payload[0], int(job.style), batch.start, count, mode, job.timed)
         return frame(BATCH, header, body)
 
     @staticmethod
@@ -527,7 +563,8 @@ class ProcessBackend(Backend):
             deadlines.append(self._cancel_at)
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        # (Capped: the selector overflows on a wait of ~1e10 s.)
+        return min(max(0.0, min(deadlines) - time.monotonic()), MAX_WAIT_SECONDS)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -567,20 +604,48 @@ class ProcessBackend(Backend):
                     by_sentinel = {w.process.sentinel: w for w in self._workers.values()}
                     timeout = self._next_timeout()
                 ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout)
-                for obj in ready:
-                    if obj == self._wake_r:
-                        os.read(self._wake_r, 4096)
-                    elif obj in by_conn:
-                        self._receive(by_conn[obj])
-                for obj in ready:
-                    if obj in by_sentinel:
-                        self._reap(by_sentinel[obj])
-                self._enforce_deadlines()
-        except BaseException as exc:  # pragma: no cover - a bug in fenfa itself
+                try:
+                    self._handle(ready, by_conn, by_sentinel)
+                except Exception as exc:  # a bug in fenfa itself: survive it
+                    self._recover(exc)
+        except BaseException as exc:  # pragma: no cover - the wait itself failed
             self._break(FenfaError(f"fenfa's process manager failed: {exc!r}"))
             raise
         finally:
             self._stop_workers()
+
+    def _handle(
+        self, ready: list[Any], by_conn: dict[Any, _Worker], by_sentinel: dict[Any, _Worker]
+    ) -> None:
+        for obj in ready:
+            if obj == self._wake_r:
+                os.read(self._wake_r, 4096)
+            elif obj in by_conn:
+                self._receive(by_conn[obj])
+        for obj in ready:
+            if obj in by_sentinel and by_sentinel[obj].id in self._workers:
+                self._reap(by_sentinel[obj])
+        self._enforce_deadlines()
+
+    def _recover(self, exc: Exception) -> None:
+        """The manager met a bug of fenfa's: fail what is in flight, keep the pool serving.
+
+        Which batches the workers hold is no longer certain, so every task in
+        flight fails with a FenfaError naming the bug, and the workers that
+        held any are replaced; new calls run as before.
+        """
+        error = FenfaError(
+            f"fenfa's process manager failed while tasks were in flight ({exc!r}); "
+            "they failed, and the pool goes on serving new calls"
+        )
+        error.__cause__ = exc
+        with self._lock:
+            busy = [w for w in self._workers.values() if w.batches]
+            for worker in busy:
+                worker.blame = error  # (no new batch goes to a worker about to be killed)
+        self._break(error, final=False)
+        for worker in busy:
+            worker.kill(None)
 
     def _receive(self, worker: _Worker) -> bool:
         """Handle one message; False at end of file (the worker is gone)."""
@@ -648,6 +713,8 @@ class ProcessBackend(Backend):
                 piece.times = times
                 pieces.append(piece)
         with self._lock:
+            if not worker.batches or worker.batches[0] is not batch:
+                return  # failed meanwhile (the pool broke, a shutdown's grace ran out)
             batch.done += sum(span[1] for span in spans)
             worker.task_started = time.monotonic()
             if batch.done >= len(batch.items):
@@ -656,14 +723,26 @@ class ProcessBackend(Backend):
         batch.job.deliver(batch, pieces, busy)
 
     def _requeue(self, worker: _Worker) -> None:
-        """Put what a departing worker had not reported back at the front of the queue."""
+        """Put what a departing worker had not reported back at the front of the queue.
+
+        A batch of a call that has ended (it raised, its consumer broke off)
+        is dropped: nobody wants it, and what it shared may already be gone.
+        One that cannot be encoded again fails alone; the manager goes on.
+        """
         held = list(worker.batches)
         worker.batches.clear()
         for batch in reversed(held):
-            if batch.done < len(batch.items):
-                rest = batch.tail()
+            if batch.done >= len(batch.items) or batch.job.dropped():
+                continue
+            rest = batch.tail()
+            try:
                 rest.wire = self._frame(rest, self._dumps(rest))
-                self._pending.appendleft(rest)
+            except Exception as exc:
+                error = FenfaError(f"a batch of a crashed worker could not be sent again: {exc}")
+                error.__cause__ = exc
+                fail_batch(rest, error)
+                continue
+            self._pending.appendleft(rest)
 
     def _reap(self, worker: _Worker) -> None:
         # Results written just before the exit are still in the pipe: read them first.
@@ -684,20 +763,24 @@ class ProcessBackend(Backend):
                 batch = worker.batches[0]
                 index = batch.start + batch.done
                 last = index + 1 == batch.start + len(batch.items)
-                if worker.blame is not None or self._streams(batch) or last:
+                marked = self._marked_task(worker, batch)
+                if marked is not None and worker.blame is None:
+                    # Which task ran is in the marks: it alone fails; the
+                    # finished ones before it, whose results died with the
+                    # worker, run again.
+                    self._note_reruns(batch, marked - index)
+                    blamed = (batch, marked, self._crashed(worker, code, marked))
+                    self._split_around(batch, marked)
+                elif worker.blame is not None or self._streams(batch) or last:
                     # Tasks reported one by one: the first unreported one was running.
-                    error = worker.blame or WorkerCrashed(
-                        f"worker {worker.id} (pid {worker.process.pid}) "
-                        f"{exit_description(code)} while running task {index}",
-                        index=index,
-                        exitcode=code,
-                    )
+                    error = worker.blame or self._crashed(worker, code, index)
                     blamed = (batch, index, error)
                     batch.done += 1
                 else:
                     # Results of this batch come at its end, so which task was
                     # running is unknown: run the rest again, reporting task by
                     # task, and the crash, if it comes again, is pinned exactly.
+                    self._note_reruns(batch, len(batch.items) - batch.done)
                     batch.expected = None
             elif not worker.ready and not worker.retiring:
                 self._failed_starts += 1
@@ -727,6 +810,55 @@ class ProcessBackend(Backend):
                 return
         with self._lock:
             self._assign()
+
+    @staticmethod
+    def _crashed(worker: _Worker, code: int | None, index: int) -> WorkerCrashed:
+        return WorkerCrashed(
+            f"worker {worker.id} (pid {worker.process.pid}) "
+            f"{exit_description(code)} while running task {index}",
+            index=index,
+            exitcode=code,
+        )
+
+    @classmethod
+    def _marked_task(cls, worker: _Worker, batch: Batch) -> int | None:
+        """The task a dead worker's marks say it ran, if they speak of ``batch``."""
+        if cls._mode(batch) != MARKED_MODE or worker.marks[0] != batch.id:
+            return None
+        index = int(worker.marks[1])
+        first = batch.start + batch.done
+        return index if first <= index < batch.start + len(batch.items) else None
+
+    def _split_around(self, batch: Batch, index: int) -> None:
+        """Requeue ``batch``'s unreported tasks but ``index`` (lock held)."""
+        first = batch.start + batch.done
+        offset = index - batch.start
+        for start, items in (
+            (index + 1, batch.items[offset + 1 :]),
+            (first, batch.items[batch.done : offset]),
+        ):
+            if items and not batch.job.dropped():
+                part = Batch(batch.job, start, items, batch.attempt)
+                if batch.expected is not None:
+                    part.expected = batch.expected * len(items) / len(batch.items)
+                try:
+                    part.wire = self._frame(part, self._dumps(part))
+                except Exception as exc:
+                    error = FenfaError(
+                        f"a batch of a crashed worker could not be sent again: {exc}"
+                    )
+                    error.__cause__ = exc
+                    fail_batch(part, error)
+                    continue
+                self._pending.appendleft(part)
+        batch.done = len(batch.items)
+
+    def _note_reruns(self, batch: Batch, count: int) -> None:
+        """Tasks that finished but whose results died with their worker run again."""
+        if count > 0:
+            self.reruns += count
+            if self.insights is not None:
+                self.insights.reruns += count
 
     def _break(self, error: BaseException, *, final: bool = True) -> None:
         """Fail everything queued or held; with ``final``, every later task too."""

@@ -56,7 +56,9 @@ def _run_timed(
                 ),
             )
         emit(piece)
-        if stop and isinstance(piece, Err):
+        failed = isinstance(piece, Err)
+        del piece  # (no cycle through this frame: see run_batch)
+        if stop and failed:
             return index + 1 - start
     return len(items)
 
@@ -119,6 +121,7 @@ class SerialBackend(Backend):
             self._started = False
             self._tasks_run = 0
         job.deliver(batch, pieces, busy)
+        del pieces, emit  # (no cycle through this frame: see run_batch)
 
     def _initialize(self) -> None:
         if self.initializer is None:

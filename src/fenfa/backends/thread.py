@@ -28,6 +28,8 @@ from .base import Backend
 # shutdown(cancel_futures=True): how long running tasks may take before their
 # threads are abandoned (the contract: return within 2 s).
 CANCEL_GRACE_SECONDS = 1.0
+# The watchdog wakes at least this often, whatever the deadlines.
+MAX_WAIT = 3600.0
 
 
 class WorkQueue:
@@ -165,6 +167,9 @@ class ThreadBackend(Backend):
         finally:
             with self._lock:
                 self._slots.pop(worker_id, None)
+                # Only live threads are kept: a pool that retires or abandons
+                # thousands of threads holds none of them.
+                self._threads.remove(threading.current_thread())
 
     def _run(self, slot: _Slot, batch: Batch) -> int | None:
         """Run one batch; the number of tasks run, or None if this thread was abandoned."""
@@ -192,6 +197,7 @@ class ThreadBackend(Backend):
                     return None
             batch.done = ran
             job.deliver(batch, pieces, busy)
+            del pieces, emit  # (no cycle through this frame: see run_batch)
             return ran
         # Timed: one task at a time, each under the watchdog's eye.
         for offset, item in enumerate(batch.items):
@@ -212,6 +218,7 @@ class ThreadBackend(Backend):
                     return None
                 batch.done = offset + 1
             job.deliver(batch, [piece], time.perf_counter() - begin)
+            del piece  # (no cycle through this frame: see run_batch)
         return len(batch.items)
 
     # -- giving up on running tasks --------------------------------------
@@ -260,7 +267,8 @@ class ThreadBackend(Backend):
                     return
                 deadline = self._expire(reports)
                 if not reports:
-                    self._lock.wait(max(0.0, deadline - time.monotonic()))
+                    # (Capped: Condition.wait overflows on a wait of ~1e10 s.)
+                    self._lock.wait(min(max(0.0, deadline - time.monotonic()), MAX_WAIT))
             self._deliver(reports)
             reports.clear()
 
@@ -331,17 +339,17 @@ class ThreadBackend(Backend):
             watchdog.join()
 
     def _join(self, deadline: float | None) -> bool:
-        """Join every worker thread, replacements included; False if the deadline passed."""
+        """Join every worker thread, replacements included; False if the deadline passed.
+
+        A thread leaves ``_threads`` as it ends, so what is listed is what still runs.
+        """
         current = threading.current_thread()
-        joined = 0
         while True:
             with self._lock:
-                threads = self._threads[joined:]
+                threads = [t for t in self._threads if t is not current]
             if not threads:
                 return True
             for thread in threads:
-                if thread is not current:
-                    thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                    if thread.is_alive():
-                        return False
-            joined += len(threads)
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    return False
