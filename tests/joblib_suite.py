@@ -24,6 +24,7 @@ need neither: each batch's function is in ``fenfa.joblib``.)
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+_site: list[Path] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     directory = Path(tempfile.mkdtemp(prefix="fenfa-joblib-suite-"))
+    _site.append(directory)
     (directory / "sitecustomize.py").write_text("import fenfa.joblib\n")
     path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = f"{directory}{os.pathsep}{path}" if path else str(directory)
@@ -70,3 +75,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     fenfa.joblib.shutdown()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for directory in _site:
+        shutil.rmtree(directory, ignore_errors=True)

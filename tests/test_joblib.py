@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -15,13 +16,9 @@ import psutil
 import pytest
 
 joblib = pytest.importorskip("joblib")
-sklearn = pytest.importorskip("sklearn")
 
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
 from joblib.externals.loky import get_reusable_executor  # noqa: E402
-from sklearn.datasets import make_classification  # noqa: E402
-from sklearn.ensemble import RandomForestClassifier  # noqa: E402
-from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
 
 import fenfa  # noqa: E402
 import fenfa.joblib  # noqa: E402
@@ -30,9 +27,19 @@ from helpers import hang, wait_for  # noqa: E402
 
 GRID = {"max_depth": [2, 4], "min_samples_leaf": [1, 5]}
 
+# scikit-learn is imported where it is used, not here: every process worker
+# imports this module (its task functions live here), and a fresh worker
+# importing scikit-learn took 1-10 s on the loaded 2-core machine.
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None, reason="scikit-learn is not installed"
+)
+
 
 def _search(X: Any, y: Any) -> tuple[Any, Any, Any]:
     """A small grid search and a cross-validation: the results to compare."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+
     forest = RandomForestClassifier(n_estimators=5, random_state=0)
     search = GridSearchCV(forest, GRID, cv=3, n_jobs=2).fit(X, y)
     scores = cross_val_score(forest, X, y, cv=3, n_jobs=2)
@@ -41,6 +48,8 @@ def _search(X: Any, y: Any) -> tuple[Any, Any, Any]:
 
 @pytest.fixture(scope="module")
 def data() -> tuple[Any, Any]:
+    from sklearn.datasets import make_classification
+
     return make_classification(n_samples=150, n_features=6, random_state=0)
 
 
@@ -84,6 +93,7 @@ def test_importing_registers_the_backend() -> None:
         assert Parallel()(delayed(square)(i) for i in range(10)) == [i * i for i in range(10)]
 
 
+@needs_sklearn
 def test_grid_search_and_cross_val_score_match_loky(
     data: tuple[Any, Any], on_loky: tuple[Any, Any, Any]
 ) -> None:
@@ -95,6 +105,7 @@ def test_grid_search_and_cross_val_score_match_loky(
     np.testing.assert_array_equal(scores, loky_scores)
 
 
+@needs_sklearn
 def test_grid_search_on_fenfa_threads(data: tuple[Any, Any], on_loky: tuple[Any, Any, Any]) -> None:
     with parallel_config(backend=fenfa.joblib.Backend("thread", retries=1, insights=True)) as cfg:
         best, _means, scores = _search(*data)
