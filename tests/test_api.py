@@ -240,7 +240,7 @@ def test_unknown_pool_option_names_it() -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("workers", 0), ("workers", -1), ("chunksize", 0), ("chunksize", -3), ("window", 0)],
+    [("workers", 0), ("workers", 1.5), ("chunksize", 0), ("chunksize", -3), ("window", 0)],
 )
 @pytest.mark.parametrize("call", WITH_BACKEND, ids=ids(WITH_BACKEND))
 def test_out_of_range_numbers_are_value_errors(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -148,3 +150,103 @@ def test_a_crash_fails_its_task_once_without_running_it_again(tmp_path: Any) -> 
     assert out[150].index == 150
     assert [v for i, v in enumerate(out) if i != 150] == [x for x in range(600) if x != 150]
     assert reruns >= 0  # (finished tasks whose results died with the worker ran again)
+
+
+# -- 5b: smaller defects -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_traceback_of_a_main_function_names_its_file_and_line(tmp_path: Any) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import fenfa\n"
+        "def bad(x):\n"
+        "    y = x + 1\n"
+        "    raise ValueError(y)\n"
+        "if __name__ == '__main__':\n"
+        "    fenfa.map(bad, [1], backend='process')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=50, check=False
+    )
+    assert done.returncode == 1
+    assert f'File "{script}", line 4, in bad' in done.stderr
+    assert "raise ValueError(y)" in done.stderr  # the source line, read from the file
+    assert "<dynamic-code>" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_script_from_stdin_runs_on_processes(tmp_path: Any) -> None:
+    code = (
+        "import fenfa\n"
+        "def sq(x):\n"
+        "    return x * x\n"
+        "if __name__ == '__main__':\n"
+        "    print(fenfa.map(sq, range(5), backend='process'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-"],
+        input=code,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 1, 4, 9, 16]"
+
+
+def fetch(url: str, timeout: float = 1.0) -> tuple[str, float]:
+    return url, timeout
+
+
+def add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+def test_run_gives_fn_the_keywords_it_takes() -> None:
+    assert fenfa.run(fetch, "u", timeout=5) == ("u", 5)  # fetch's own timeout
+    assert fenfa.run(add, 1, y=2, backend="thread") == 3  # fenfa's backend
+    runner = fenfa.run.options(backend="thread", timeout=3)
+    assert runner(fetch, "u", timeout=7) == ("u", 7)
+
+
+def test_errors_name_the_argument_that_was_wrong() -> None:
+    with pytest.raises(TypeError, match=r"initargs must be a tuple .* initargs=\(5,\)"):
+        fenfa.Pool("thread", initializer=print, initargs=5)  # type: ignore[arg-type]
+    with (
+        fenfa.Pool("thread", workers=1) as pool,
+        pytest.raises(TypeError, match=r"positional chunksize\? here it is a keyword"),
+    ):
+        pool.imap(abs, [1, 2], 2)
+
+
+def test_negative_workers_count_as_joblib_does() -> None:
+    cores = len(os.sched_getaffinity(0))
+    with fenfa.Pool("thread", workers=-1) as pool:
+        assert pool.workers == cores
+    with fenfa.Pool("thread", workers=-2) as pool:
+        assert pool.workers == max(1, cores - 1)
+    with pytest.raises(ValueError, match="workers must be"):
+        fenfa.Pool("thread", workers=0)
+    assert fenfa.map(abs, [-1], workers=-1, backend="thread") == [1]
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_dask_scheduler_is_backend_unavailable_naming_it() -> None:
+    dask_config = pytest.importorskip("dask.config")
+    with (
+        dask_config.set({"distributed.comm.timeouts.connect": "1s"}),
+        pytest.raises(fenfa.BackendUnavailable, match=r"tcp://127\.0\.0\.1:1"),
+    ):
+        fenfa.Pool("dask", address="tcp://127.0.0.1:1")
+
+
+def test_a_windows_module_name_beside_the_script_is_not_blamed(tmp_path: Any) -> None:
+    from fenfa import _shadow
+
+    (tmp_path / "nt.py").write_text("")
+    (tmp_path / "queue.py").write_text("")
+    names = {name for name, _path in _shadow._shadowing_in(str(tmp_path))}
+    assert names == {"queue"}

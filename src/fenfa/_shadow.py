@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 
 __all__ = ["check", "check_directory", "shadowing_files"]
 
@@ -48,9 +49,25 @@ def _shadowing_in(directory: str) -> list[tuple[str, str]]:
             name = entry
         else:
             continue
-        if name in sys.stdlib_module_names and name != "__main__":
+        if name in sys.stdlib_module_names and name != "__main__" and _on_this_platform(name):
             found.append((name, path))
     return found
+
+
+def _on_this_platform(name: str) -> bool:
+    """A standard module this Python has (not Windows' ``nt`` or ``msvcrt`` on Linux)."""
+    if name in sys.modules or name in sys.builtin_module_names:
+        return True
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if os.path.exists(os.path.join(stdlib, name + ".py")) or os.path.isdir(
+        os.path.join(stdlib, name)
+    ):
+        return True
+    dynload = os.path.join(stdlib, "lib-dynload")
+    try:
+        return any(entry.split(".", 1)[0] == name for entry in os.listdir(dynload))
+    except OSError:
+        return False
 
 
 def shadowing_files() -> list[str]:

@@ -43,7 +43,7 @@ from . import api
 from .backends import check_name, default_workers, usable_cores
 from .backends.asyncio import run_coroutine
 from .errors import FenfaError
-from .options import CallOptions, check_callable, positive
+from .options import CallOptions, check_callable
 from .progress import Progress
 from .tasks import attach_traceback, is_coroutine_function
 from .window import annotate, from_input
@@ -120,7 +120,6 @@ class _Run:
         check_callable(fn)
         backend, workers, rest = api._split(dict(options))
         backend = check_name(backend)
-        positive("workers", workers)
         self.options = CallOptions().update(rest)
         self.fn = fn
         self.ordered = ordered

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from .insights import Insights
-from .options import POOL_ONLY_OPTIONS
+from .options import POOL_ONLY_OPTIONS, worker_count
 from .pool import Pool, resolve_backend
 
 P = ParamSpec("P")
@@ -35,7 +36,7 @@ def _split(options: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
                 f"as pool:` and call the pool's methods"
             )
     backend = options.pop("backend", "auto")
-    workers = options.pop("workers", None)
+    workers = worker_count(options.pop("workers", None))
     if options.get("insights") is True:
         # A default pool serves every caller: each call records on its own.
         options["insights"] = _last.insights = Insights()
@@ -108,16 +109,57 @@ def last_insights() -> Insights | None:
     return found
 
 
-def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-    """``fn(*args, **kwargs)`` in a worker of the default pool; returns its result.
+class _Runner:
+    """``fenfa.run``: one call in a worker of a default pool.
 
-    The keywords ``backend`` (default ``"auto"``) and ``timeout`` (seconds,
-    default none) are fenfa's; every other keyword goes to ``fn``.
+    ``fenfa.run(fn, *args, **kwargs)`` returns ``fn(*args, **kwargs)``. The
+    keywords ``backend`` (default ``"auto"``) and ``timeout`` (seconds) are
+    fenfa's *unless* ``fn`` takes a parameter of that name (or ``**kwargs``):
+    then they are ``fn``'s, as ``fenfa.run(fetch, url, timeout=5)`` means. To
+    set fenfa's options whatever ``fn`` takes: ``fenfa.run.options(backend=
+    "thread", timeout=5)(fetch, url, timeout=2)``.
     """
-    backend = kwargs.pop("backend", "auto")
-    timeout = kwargs.pop("timeout", None)
-    pool = _default_pool(str(backend), None)
-    return pool._submit_call(fn, args, kwargs, timeout).result()  # type: ignore[arg-type]
+
+    def __init__(self, backend: str | None = None, timeout: float | None = None) -> None:
+        self._backend = backend
+        self._timeout = timeout
+
+    def options(self, *, backend: str = "auto", timeout: float | None = None) -> _Runner:
+        """A ``run`` with fenfa's options fixed: every keyword of the call goes to ``fn``."""
+        return _Runner(backend, timeout)
+
+    def __call__(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        backend, timeout = self._backend, self._timeout
+        if backend is None:  # plain fenfa.run: backend= and timeout= may be ours
+            backend = "auto"
+            theirs = _parameters(fn)
+            if "backend" in kwargs and "backend" not in theirs:
+                backend = str(kwargs.pop("backend"))
+            if "timeout" in kwargs and "timeout" not in theirs:
+                timeout = kwargs.pop("timeout")  # type: ignore[assignment]
+        pool = _default_pool(backend, None)
+        return pool._submit_call(fn, args, kwargs, timeout).result()
+
+    def __repr__(self) -> str:
+        return "<fenfa.run>" if self._backend is None else f"<fenfa.run.options({self._backend!r})>"
+
+
+def _parameters(fn: Callable[..., Any]) -> set[str]:
+    """The keyword names ``fn`` takes ("backend", "timeout" when it has ``**kwargs``)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set()  # (a builtin without a signature: the keywords are fenfa's)
+    names = set()
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            return {"backend", "timeout"}
+        if parameter.kind is not parameter.POSITIONAL_ONLY:
+            names.add(parameter.name)
+    return names
+
+
+run = _Runner()
 
 
 def _handing_over(pieces: Iterator[list[R]]) -> Iterator[R]:

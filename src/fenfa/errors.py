@@ -48,7 +48,7 @@ class FenfaError(Exception):
 
 
 class BackendUnavailable(FenfaError, ImportError):
-    """A backend needs an optional extra that is not installed."""
+    """A backend needs an optional extra that is not installed, or a cluster that is not there."""
 
 
 class PoolClosed(FenfaError, RuntimeError):

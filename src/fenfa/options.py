@@ -35,6 +35,24 @@ def positive(name: str, value: object, *, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+def worker_count(value: object) -> int | None:
+    """``workers`` as given: None, a count >= 1, or joblib's negatives.
+
+    As joblib's ``n_jobs``: -1 means every usable core, -2 all but one, and
+    so on (never fewer than one); 0 is refused.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        from .backends import usable_cores
+
+        return max(1, usable_cores() + 1 + value)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(
+            f"workers must be a whole number >= 1, or negative as joblib's n_jobs "
+            f"(-1: every usable core, -2: all but one), got {value!r}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """The per-call options, validated; a Pool holds the defaults."""

@@ -28,6 +28,7 @@ from .options import (
     check_callable,
     check_native_threads,
     positive,
+    worker_count,
 )
 from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 from .window import Run, annotate
@@ -142,7 +143,7 @@ class Pool:
         worker_output: str = "relay",
         address: str | None = None,
     ) -> None:
-        positive("workers", workers)
+        workers = worker_count(workers)
         if address is not None and not isinstance(address, str):
             raise ValueError(
                 f"address must be a dask scheduler address such as 'tcp://host:8786', "
@@ -161,6 +162,11 @@ class Pool:
             )
         if initializer is not None:
             check_callable(initializer)
+        if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
+            raise TypeError(
+                f"initargs must be a tuple of the initializer's arguments, got {initargs!r} "
+                f"(for one argument: initargs=({initargs!r},))"
+            )
         self._options = CallOptions(
             chunksize, window, timeout, retries, on_error, progress, insights
         )
@@ -393,6 +399,19 @@ class Pool:
     ) -> Run:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        given: tuple[Any, ...] = iterables  # (typed as iterables; checked as anything)
+        for position, iterable in enumerate(given[1:], 2):
+            if not isinstance(iterable, Iterable):
+                hint = (
+                    f" (multiprocessing's positional chunksize? here it is a keyword: "
+                    f"chunksize={iterable!r})"
+                    if isinstance(iterable, int) and position == 2
+                    else ""
+                )
+                raise TypeError(
+                    f"argument {position} after the function must be an iterable of inputs, "
+                    f"got {iterable!r}{hint}"
+                )
         # Like builtins.map: several iterables stop at the shortest.
         lengths = [_length(it) for it in iterables]
         total = None if None in lengths else min(lengths)  # type: ignore[type-var]

@@ -592,7 +592,18 @@ class _SharingPickler(cloudpickle.Pickler):  # type: ignore[misc]
             if spec[0] is not _rebuild_empty and spec[0] is not memoryview:
                 self.paths.append(spec[1][0])
             return spec
+        if type(obj) is types.CodeType:
+            # cloudpickle writes "<dynamic-code>" as every function's file (a
+            # payload independent of where it was defined): tracebacks in the
+            # worker would show no file and no source. The real name travels.
+            _rebuild, args = cloudpickle.cloudpickle._code_reduce(obj)
+            return _code_in_file, (args, obj.co_filename)
         return super().reducer_override(obj)
+
+
+def _code_in_file(args: tuple[Any, ...], filename: str) -> types.CodeType:
+    """A code object as cloudpickle rebuilds it, with its own file name back."""
+    return types.CodeType(*args).replace(co_filename=filename)
 
 
 class _ByValue(Exception):

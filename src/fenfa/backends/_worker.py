@@ -34,6 +34,7 @@ Worker -> parent::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -285,7 +286,21 @@ def _watch_parent(lifeline: Any, parent: int) -> None:
         # would outlive everyone. Whichever worker gets here first removes them.
         sharing.sweep(parent)
     finally:
+        _silence()
         os._exit(EXIT_ORPHANED)
+
+
+def _silence() -> None:
+    """Point stdout and stderr at /dev/null: the parent that read them is gone.
+
+    Otherwise the interpreter's exit flushes into a pipe nobody reads, and
+    prints "BrokenPipeError ... lost sys.stderr" where the user sees it.
+    """
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
 
 
 # The relayed sys.stdout and sys.stderr of this worker (empty: not relayed).
@@ -384,6 +399,7 @@ def worker_main(
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
+            _silence()
             return  # the parent is gone
         kind, header, body = unframe(message)
         if kind == FUNC:

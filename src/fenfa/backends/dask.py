@@ -57,6 +57,7 @@ import io
 import itertools
 import pickle
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -67,10 +68,12 @@ from typing import Any
 
 import cloudpickle
 import dask.config
+import dask.utils
 import distributed
 
 from .. import sharing
 from ..errors import (
+    BackendUnavailable,
     PoolClosed,
     SerializationError,
     TaskTimeout,
@@ -365,6 +368,20 @@ class _Call:
         self.arrays = arrays
 
 
+def _check_reachable(address: str, wait: Any) -> None:
+    """Raise OSError if nothing listens at a ``tcp://host:port`` scheduler address.
+
+    Checked with a plain socket before a Client is made: a Client that cannot
+    connect leaves distributed's IO-loop thread running behind its error.
+    """
+    if not address.startswith("tcp://"):
+        return
+    host, _, port = address[len("tcp://") :].rpartition(":")
+    seconds = dask.utils.parse_timedelta(wait, default="s")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
+        pass
+
+
 class DaskBackend(Backend):
     """Runs each batch as one task on a dask cluster (``address``, or a local one)."""
 
@@ -395,8 +412,22 @@ class DaskBackend(Backend):
         if address is None:
             self._cluster = local_cluster(workers)
             address = self._cluster.scheduler_address
+        # How long to try to reach the scheduler: dask's own setting
+        # (distributed.comm.timeouts.connect, 30 s unless configured, e.g. by
+        # DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s).
+        connect = dask.config.get("distributed.comm.timeouts.connect")
         try:
-            self._client: Any = distributed.Client(address, set_as_default=False)
+            if self._cluster is None:
+                _check_reachable(address, connect)
+            self._client: Any = distributed.Client(address, set_as_default=False, timeout=connect)
+        except (OSError, TimeoutError) as exc:
+            if self._cluster is not None:
+                self._cluster.close()
+            raise BackendUnavailable(
+                f"no dask scheduler answered at {address!r} within {connect} "
+                f"({type(exc).__name__}: {exc}); the wait is dask's setting "
+                "distributed.comm.timeouts.connect (DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT)"
+            ) from exc
         except BaseException:
             if self._cluster is not None:
                 self._cluster.close()

@@ -49,6 +49,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -145,6 +146,27 @@ def _main_guard_hint(method: str) -> str:
         f"script ({path}); if that script starts work at import time, every worker fails "
         "this way." + MAIN_GUARD_FIX
     )
+
+
+@contextlib.contextmanager
+def _main_path_hidden_unless_a_file() -> Iterator[None]:
+    """A main script that is no file (``python - <<EOF``: "<stdin>") is not re-imported.
+
+    Under forkserver and spawn a worker runs the main script's file again
+    before anything else; "<stdin>" is no file, so every worker died of
+    FileNotFoundError and the user was told to add the main guard they had.
+    Functions of such a script travel by value, so the workers need none of it.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        main.__file__ = path  # type: ignore[union-attr]
 
 
 def _receive_into(sock: socket.socket, buffer: bytearray) -> bool:
@@ -362,7 +384,8 @@ class ProcessBackend(Backend):
             ),
         )
         try:
-            process.start()
+            with _main_path_hidden_unless_a_file():
+                process.start()
         finally:
             child_conn.close()
         try:
