@@ -96,12 +96,17 @@ def shell(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     input: bytes | str | None = None,
+    termseq: Sequence[tuple[int, float]] = (),
 ) -> ShellResult:
     """Run ``cmd`` (a string for ``/bin/sh -c``, or a list of arguments) and wait for it.
 
     ``timeout``: seconds; on expiry the command's whole process group is
     killed and ``subprocess.TimeoutExpired`` is raised (with what it had
-    printed). ``check=True`` raises ``subprocess.CalledProcessError`` for a
+    printed, and ``signal``: the signal that ended it). ``termseq``: how to
+    kill it then, as (signal, seconds to wait) steps, each sent only if the
+    command is still running, SIGKILL after the last (GNU parallel's
+    ``--termseq``; ``()``: SIGKILL at once). On the ``cwd``/``input`` path a
+    timeout is always SIGKILL. ``check=True`` raises ``subprocess.CalledProcessError`` for a
     non-zero exit. In a fenfa task whose call is given up (Ctrl-C, ``break``),
     the group is killed too and the task ends.
     """
@@ -111,7 +116,7 @@ def shell(
     start = time.monotonic()
     argv = _direct(args)
     if argv is not None and cwd is None and data is None and _HAS_SPAWN:
-        code, stdout, stderr = _spawned(args, argv, env, timeout, start)
+        code, stdout, stderr = _spawned(args, argv, env, timeout, start, termseq)
         result = ShellResult(args, code, stdout, stderr, time.monotonic() - start)
         if check:
             result.check_returncode()
@@ -209,6 +214,7 @@ def _spawned(
     env: Mapping[str, str] | None,
     timeout: float | None,
     start: float,
+    termseq: Sequence[tuple[int, float]] = (),
 ) -> tuple[int, bytes, bytes]:
     """Start ``argv`` in a new session and wait: (returncode, stdout, stderr)."""
     out_r, out_w = os.pipe()
@@ -246,7 +252,13 @@ def _spawned(
         watch = slot if slot is not None and slot.backend in ("thread", "serial") else None
         while open_pipes or status is None:
             if timeout is not None and time.monotonic() - start >= timeout:
-                raise subprocess.TimeoutExpired(args, timeout)
+                if status is None:
+                    status = _terminate(pid, pidfd, termseq)
+                    for fd in (out_r, err_r):  # what it printed while being stopped
+                        chunks[fd].append(_drain(fd))
+                raise TimedOut(
+                    args, timeout, b"".join(chunks[out_r]), b"".join(chunks[err_r]), status
+                )
             if watch is not None and getattr(watch.job, "cancelled", False):
                 raise KeyboardInterrupt("the call was given up")
             wait = None if timeout is None else timeout - (time.monotonic() - start)
@@ -278,6 +290,38 @@ def _spawned(
                 os.close(fd)
     assert status is not None
     return os.waitstatus_to_exitcode(status), b"".join(chunks[out_r]), b"".join(chunks[err_r])
+
+
+class TimedOut(subprocess.TimeoutExpired):
+    """``TimeoutExpired`` that also says which signal ended the command (None: unknown)."""
+
+    def __init__(
+        self, cmd: str | list[str], timeout: float, stdout: bytes, stderr: bytes, status: int | None
+    ) -> None:
+        super().__init__(cmd, timeout, stdout, stderr)
+        code = os.waitstatus_to_exitcode(status) if status is not None else 0
+        self.signal = -code if code < 0 else None
+
+
+def _terminate(pid: int, pidfd: int, termseq: Sequence[tuple[int, float]]) -> int:
+    """Send ``termseq`` to the group of ``pid`` while it lives, then SIGKILL; reap the leader."""
+    for number, wait in termseq:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, number)
+        if select.select([pidfd], [], [], wait)[0]:
+            break
+    kill_group(pid)
+    return os.waitpid(pid, 0)[1]
+
+
+def _drain(fd: int) -> bytes:
+    """What is left in a pipe whose writers are dead (or, if one lives on, what is there now)."""
+    os.set_blocking(fd, False)
+    data = []
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := os.read(fd, 65536):
+            data.append(chunk)
+    return b"".join(data)
 
 
 def _wait(
