@@ -1,0 +1,253 @@
+"""``fenfa run``'s command line: options, bundled short options, separators.
+
+Options come before the command, as in GNU parallel (getopt with bundling:
+``-kj2`` is ``-k -j 2``, ``-j1`` is ``-j 1``); the first word that is not an
+option starts the command, and options that look like the command's own
+(``echo -n``) belong to it. After the command, input groups start at a
+separator: ``:::`` (the arguments that follow), ``::::`` (one input per line
+of each file), ``:::+`` and ``::::+`` (linked to the group before: taken side
+by side, not multiplied). Anything else spelt with three colons or more
+(``:::::``, ``::+``) is refused: a mistyped separator must never become an
+input. Whatever follows a separator is input, options included (GNU
+parallel reads ``::: a --resume`` as two inputs too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..backends import usable_cores
+
+# -j 0: "as many as possible". GNU parallel goes up to its file-handle limit
+# (~250 on a default ulimit); fenfa runs one job per input, at most this many.
+MAX_JOBS = 256
+SEPARATORS = (":::", "::::", ":::+", "::::+")
+_SEPARATOR_LIKE = re.compile(r":{2,}\+*|:::+\+*.*")
+
+
+class UsageError(Exception):
+    """Bad usage: printed on one line, exit status 255."""
+
+
+@dataclass
+class Source:
+    """One input group as given: ``:::`` values, or ``::::`` files to read (``-`` is stdin)."""
+
+    kind: str  # ":::" or "::::"
+    items: list[str]
+    linked: bool = False  # :::+ / ::::+: side by side with the group before
+
+
+@dataclass
+class Options:
+    jobs: int | None = None  # None: usable cores; 0: one per input (up to MAX_JOBS)
+    keep_order: bool = False
+    timeout: float | None = None
+    attempts: int = 1  # --retries N: N attempts in all, as GNU parallel (0: no limit)
+    halt: tuple[str, str, int] | None = None
+    joblog: str | None = None
+    results: str | None = None
+    resume: bool = False
+    resume_failed: bool = False
+    dry_run: bool = False
+    bar: bool = False
+    shell: str | None = None
+    termseq: list[tuple[int, float]] = field(default_factory=list)
+    # Several inputs per job (-n/-N/-L: a fixed number; -X/-m: as many as fit).
+    max_args: int | None = None
+    context: bool = False  # -X (also -L): the word around {} repeated per input
+    multi: bool = False  # -m: {} replaced by every input of the job
+    colsep: str | None = None
+    header: bool = False
+    csv: bool = False
+    delimiter: str = "\n"
+    command: list[str] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+
+    @property
+    def retries(self) -> int:
+        """Extra attempts after the first (for the journals' bookkeeping)."""
+        return self.attempts - 1 if self.attempts else 1 << 30
+
+
+_FLAGS = {
+    "-k": "keep_order", "--keep-order": "keep_order", "--resume": "resume",
+    "--resume-failed": "resume_failed", "--dry-run": "dry_run", "--bar": "bar",
+    "-X": "context", "--xargs": "multi", "-m": "multi", "--csv": "csv",
+    "-0": "null", "--null": "null",
+}  # fmt: skip
+_VALUED = {
+    "-j": "jobs", "--jobs": "jobs", "-P": "jobs", "--max-procs": "jobs", "--timeout": "timeout",
+    "--retries": "retries", "--halt": "halt", "--halt-on-error": "halt", "--joblog": "joblog",
+    "--results": "results", "--shell": "shell", "--termseq": "termseq",
+    "--term-seq": "termseq", "-n": "n", "--max-args": "n", "-N": "N", "-L": "L",
+    "--max-lines": "L", "--colsep": "colsep", "-C": "colsep", "--header": "header",
+    "-a": "arg_file", "--arg-file": "arg_file", "-d": "delimiter", "--delimiter": "delimiter",
+}  # fmt: skip
+_SHORT_FLAGS = {name[1] for name in _FLAGS if len(name) == 2}
+_SHORT_VALUED = {name[1] for name in _VALUED if len(name) == 2}
+# GNU parallel's default --termseq: TERM, 200 ms, TERM, 100 ms, TERM, 50 ms, KILL.
+DEFAULT_TERMSEQ = [(15, 0.2), (15, 0.1), (15, 0.05), (9, 0.025)]
+
+
+def parse(argv: Sequence[str]) -> Options:
+    options = Options()
+    args = list(argv)
+    arg_files: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "-":
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg.startswith("--"):
+            name, equals, inline = arg.partition("=")
+            if name in _VALUED:
+                if not equals:
+                    i += 1
+                    if i >= len(args):
+                        raise UsageError(f"{name} needs a value")
+                    inline = args[i]
+                _set(options, _VALUED[name], name, inline, arg_files)
+            elif name in _FLAGS and not equals:
+                _flag(options, _FLAGS[name])
+            elif name in _FLAGS:
+                raise UsageError(f"{name} takes no value")
+            else:
+                raise UsageError(f"unknown option {name}")
+        else:  # -kj2: -k, then -j with the rest of the word (or the next word) as its value
+            for n, char in enumerate(arg[1:], 1):
+                if char in _SHORT_VALUED:
+                    value = arg[n + 1 :]
+                    if not value:
+                        i += 1
+                        if i >= len(args):
+                            raise UsageError(f"-{char} needs a value")
+                        value = args[i]
+                    _set(options, _VALUED["-" + char], "-" + char, value, arg_files)
+                    break
+                if char not in _SHORT_FLAGS:
+                    raise UsageError(f"unknown option -{char}" + (f" (in {arg})" if n > 1 else ""))
+                _flag(options, _FLAGS["-" + char])
+        i += 1
+    options.sources = [Source("::::", [path]) for path in arg_files]
+    _command_and_sources(options, args[i:])
+    if options.resume and not (options.joblog or options.results):
+        raise UsageError("--resume needs --joblog FILE or --results FILE to read what is done")
+    if options.context and options.multi:
+        raise UsageError("-X and -m are two ways of packing inputs: choose one")
+    return options
+
+
+def _command_and_sources(options: Options, rest: list[str]) -> None:
+    for arg in rest:
+        if arg not in SEPARATORS and _SEPARATOR_LIKE.fullmatch(arg) and arg != "::":
+            raise UsageError(f"unknown separator {arg!r} (separators: {' '.join(SEPARATORS)})")
+    starts = [n for n, arg in enumerate(rest) if arg in SEPARATORS]
+    end = starts[0] if starts else len(rest)
+    options.command = rest[:end]
+    if not options.command:
+        raise UsageError("no command given")
+    for n, start in enumerate(starts):
+        stop = starts[n + 1] if n + 1 < len(starts) else len(rest)
+        values = rest[start + 1 : stop]
+        separator = rest[start]
+        if not values:
+            raise UsageError(f"nothing after {separator}")
+        linked = separator.endswith("+") and bool(options.sources)
+        options.sources.append(Source(separator.rstrip("+"), values, linked))
+
+
+def _flag(options: Options, name: str) -> None:
+    if name == "null":
+        options.delimiter = "\0"
+    elif name == "resume_failed":
+        options.resume = options.resume_failed = True
+    else:
+        setattr(options, name, True)
+
+
+def _set(options: Options, what: str, name: str, value: str, arg_files: list[str]) -> None:
+    try:
+        if what == "jobs":
+            options.jobs = jobs_from(value, usable_cores())
+        elif what == "timeout":
+            options.timeout = float(value)
+            if not 0 < options.timeout < math.inf:
+                raise ValueError
+        elif what == "retries":
+            options.attempts = int(value)
+            if options.attempts < 0:
+                raise ValueError
+        elif what == "halt":
+            options.halt = None if value == "0" else _parse_halt(value)
+        elif what in ("joblog", "results", "shell", "colsep"):
+            if not value:
+                raise ValueError
+            setattr(options, what, value)
+        elif what == "termseq":
+            options.termseq = _parse_termseq(value)
+        elif what in ("n", "N", "L"):
+            options.max_args = int(value)
+            if options.max_args < (0 if what == "N" else 1):
+                raise ValueError
+            options.context = options.context or what == "L"  # (-L implies -X)
+        elif what == "header":
+            if value != ":":
+                raise UsageError(f"--header {value!r}: only --header : (the first line) is known")
+            options.header = True
+        elif what == "arg_file":
+            arg_files.append(value)
+        elif what == "delimiter":
+            options.delimiter = _unescape(value)
+            if not options.delimiter:
+                raise ValueError
+    except ValueError:
+        raise UsageError(f"bad value for {name}: {value!r}") from None
+
+
+def jobs_from(value: str, cores: int) -> int:
+    """-j as GNU parallel reads it: N, +N (cores + N), -N (cores - N), N% (of the cores)."""
+    if value.endswith("%"):
+        share = float(value[:-1])
+        if not 0 < share < math.inf:
+            raise ValueError(value)
+        return max(1, int(cores * share / 100))
+    if value[:1] in "+-" and value[1:].isdigit():
+        return max(1, cores + int(value))
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
+
+
+def _parse_halt(value: str) -> tuple[str, str, int]:
+    match = re.fullmatch(r"(now|soon),(fail|success|done)=(\d+)", value)
+    if match is None and value in ("1", "2"):
+        # GNU parallel's old spelling: --halt 1 = soon,fail=1; 2 = now,fail=1 (0: never).
+        return ("soon" if value == "1" else "now"), "fail", 1
+    if not match or int(match.group(3)) < 1:
+        raise ValueError(value)
+    return match.group(1), match.group(2), int(match.group(3))
+
+
+def _parse_termseq(value: str) -> list[tuple[int, float]]:
+    """``TERM,200,TERM,100,KILL,25``: signal, milliseconds to wait, ... (as GNU parallel)."""
+    import signal
+
+    words = value.split(",")
+    if len(words) % 2:
+        words.append("25")
+    steps = []
+    for name, wait in zip(words[::2], words[1::2], strict=True):
+        number = int(name) if name.isdigit() else getattr(signal, "SIG" + name.upper(), None)
+        if number is None or not wait.isdigit():
+            raise ValueError(value)
+        steps.append((int(number), int(wait) / 1000))
+    return steps
+
+
+def _unescape(value: str) -> str:
+    return {"\\n": "\n", "\\t": "\t", "\\0": "\0", "\\r": "\r"}.get(value, value)
