@@ -166,6 +166,9 @@ class Insights:
         #: Tasks that ran again because their results died with a crashed
         #: worker (counted whether or not records are kept).
         self.reruns = 0
+        #: With ``speculate``: (first task index, "first" or "second") for each
+        #: piece of a straggler that got a second attempt: which attempt won.
+        self.speculations: list[tuple[int, str]] = []
         self._pieces: list[_Piece] = []
         self._raw: list[tuple[Any, ...]] = []  # pieces as recorded, not yet read
         self._lock = threading.Lock()

@@ -14,7 +14,16 @@ from .errors import short_repr
 from .progress import check_progress
 
 ON_ERROR = ("raise", "return", "skip")
-CALL_OPTIONS = ("chunksize", "window", "timeout", "retries", "on_error", "progress", "insights")
+CALL_OPTIONS = (
+    "chunksize",
+    "window",
+    "timeout",
+    "retries",
+    "on_error",
+    "progress",
+    "insights",
+    "speculate",
+)
 POOL_ONLY_OPTIONS = (
     "initializer",
     "initargs",
@@ -53,6 +62,32 @@ def worker_count(value: object) -> int | None:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2}
+_UNITS |= {"mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4}
+_UNITS |= {"tb": 1000**4, "tib": 1024**4}
+
+
+def size_in_bytes(name: str, value: int | str | None) -> int | None:
+    """A memory size option: bytes, or a string such as ``"2GiB"``, ``"500MB"``; None stays."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if unit in _UNITS and 0 < amount < math.inf:
+            return int(amount * _UNITS[unit])
+    raise ValueError(
+        f"{name} must be a number of bytes > 0 or a size such as '2GiB', got {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """The per-call options, validated; a Pool holds the defaults."""
@@ -65,6 +100,8 @@ class CallOptions:
     progress: bool | dict[str, Any] = False
     # True: record into the pool's insights; an Insights: record there.
     insights: Any = False
+    # Re-run a straggler on an idle worker once the input is exhausted.
+    speculate: bool = False
 
     def __post_init__(self) -> None:
         check_progress(self.progress)
@@ -87,6 +124,8 @@ class CallOptions:
             )
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
+        if not isinstance(self.speculate, bool):
+            raise ValueError(f"speculate must be True or False, got {self.speculate!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(
                 f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, got {self.on_error!r}"

@@ -28,6 +28,7 @@ from .options import (
     check_callable,
     check_native_threads,
     positive,
+    size_in_bytes,
     worker_count,
 )
 from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
@@ -142,6 +143,9 @@ class Pool:
         native_threads: int | str | bool = "auto",
         worker_output: str = "relay",
         address: str | None = None,
+        speculate: bool = False,
+        memory_floor: int | str | None = None,
+        max_worker_memory: int | str | None = None,
     ) -> None:
         workers = worker_count(workers)
         if address is not None and not isinstance(address, str):
@@ -168,9 +172,11 @@ class Pool:
                 f"(for one argument: initargs=({initargs!r},))"
             )
         self._options = CallOptions(
-            chunksize, window, timeout, retries, on_error, progress, insights
+            chunksize, window, timeout, retries, on_error, progress, insights, speculate
         )
         self._backend_options: dict[str, Any] = {
+            "memory_floor": size_in_bytes("memory_floor", memory_floor),
+            "max_worker_memory": size_in_bytes("max_worker_memory", max_worker_memory),
             "initializer": initializer,
             "initargs": tuple(initargs),
             "max_tasks_per_worker": max_tasks_per_worker,
@@ -220,6 +226,9 @@ class Pool:
             del options["start_method"]
             del options["native_threads"]
             del options["worker_output"]
+            del options["max_worker_memory"]  # (a process worker's: documented)
+        if name not in ("process", "thread"):
+            del options["memory_floor"]
         if name == "dask":
             options["workers_from_cluster"] = self.workers is None
         else:

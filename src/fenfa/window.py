@@ -16,6 +16,7 @@ finished results pile up behind it.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import time
 import weakref
@@ -23,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
+from . import speculation
 from .auto import Decision, completed, probe, unmeasured
 from .errors import short_repr
 from .options import CallOptions
@@ -140,6 +142,7 @@ class Run:
         self._cursor = 0
         self._out: deque[tuple[int, list[Any] | BaseException]] = deque()
         self._progress: Progress | None = None
+        self._speculator = speculation.Speculator() if options.speculate else None
         self._recorder = recorder
         if recorder is not None:
             self._call = recorder.new_call()
@@ -223,6 +226,9 @@ class Run:
             self._in_window += len(items)
             self._unfinished += len(items)
             self._probes += probing
+            if self._speculator is not None:
+                self._speculator.workers = workers
+                self._speculator.sent(batch)
             self._target._submit_batch(batch, internal=self.background)
             if self._backend.inline:
                 return  # it ran already: look at its outcome before running more
@@ -240,14 +246,42 @@ class Run:
 
     # -- taking results -------------------------------------------------
 
-    def _wait(self) -> tuple[Batch, list[Piece], float]:
-        if self._deadline is None:
+    def _wait(self, within: float | None = None) -> tuple[Batch, list[Piece], float] | None:
+        """The next report; None if ``within`` seconds pass first (speculation looks again)."""
+        if self._deadline is None and within is None:
             return self._results.get()
-        remaining = self._deadline - time.monotonic()
+        remaining = math.inf if self._deadline is None else self._deadline - time.monotonic()
         try:
-            return self._results.get(timeout=max(0.0, remaining))
+            return self._results.get(timeout=max(0.0, min(remaining, within or math.inf)))
         except queue.Empty:
+            if within is not None and remaining > within:
+                return None
             raise TimeoutError("the results did not all arrive within the timeout") from None
+
+    def _next_report(self) -> tuple[Batch, list[Piece], float] | None:
+        """The next report; with ``speculate``, stragglers get a second attempt meanwhile."""
+        speculator = self._speculator
+        if speculator is None:
+            return self._wait()
+        # A worker may idle because the input is exhausted, or because the
+        # window is full behind a slow task (an ordered call's reorder buffer
+        # waiting for it): either way nothing else can be sent it.
+        idle = self._backend.idle_workers()
+        if not self._exhausted and not idle:
+            return self._wait()
+        speculator.workers = self._backend.workers
+        copies, wait = speculator.due(idle)
+        for copy in copies:
+            self._target._submit_batch(copy, urgent=True, internal=True)
+        return self._wait(wait if wait is not None else speculation.FLOOR_SECONDS)
+
+    def _stop_the_slower_attempts(self) -> None:
+        """Every result is in: attempts still running lost the race; stop them."""
+        speculator = self._speculator
+        if speculator is None or not speculator.racing:
+            return
+        self._backend.abandon(self._job)
+        self._target.insights.speculations.extend(speculator.outcomes)
 
     def _record(self, batch: Batch, piece: Piece) -> None:
         assert self._recorder is not None
@@ -270,6 +304,8 @@ class Run:
     def _absorb(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         tasks = 0
         options = self._options
+        if self._speculator is not None:
+            pieces = self._speculator.received(batch, pieces, busy)
         for piece in pieces:
             if piece.times is not None and self._recorder is not None:
                 self._record(batch, piece)
@@ -284,6 +320,8 @@ class Run:
             item = batch.item(index)
             if batch.attempt <= options.retries:
                 retry = Batch(self._job, index, [item], batch.attempt + 1)
+                if self._speculator is not None:
+                    self._speculator.sent(retry)
                 self._target._submit_batch(retry, urgent=True, internal=True)
                 continue
             self._unfinished -= 1
@@ -350,11 +388,14 @@ class Run:
                     self._in_window -= count
                     continue
                 if self._exhausted and self._unfinished == 0:
+                    self._stop_the_slower_attempts()
                     self._complete_decision()
                     if self._input_error is not None:
                         raise self._input_error
                     return
-                self._absorb(*self._wait())
+                report = self._next_report()
+                if report is not None:
+                    self._absorb(*report)
         except KeyboardInterrupt:
             # Ctrl-C: nobody wants these results; stop the tasks now running
             # (process workers are killed and replaced).

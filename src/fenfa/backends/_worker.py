@@ -49,7 +49,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import sharing
+from .. import memory, sharing
 from ..errors import SerializationError, pack_exception
 from ..tasks import Err, Ok, Piece, Stamper, Style, caller, run_batch
 from ..worker import set_slot
@@ -369,6 +369,7 @@ def worker_main(
     native_threads: int | None,
     log_levels: dict[str, int] | None,
     marks: Any = None,
+    max_memory: int | None = None,
 ) -> None:
     # Under fork the child inherits the parent's write end too: close it, or
     # the parent's death would never read as end of file.
@@ -429,10 +430,12 @@ def worker_main(
         ran = _serve_batch(send, fn, header, body, budget, marks)
         if budget is not None:
             budget -= ran
-            if budget <= 0:
-                send(frame(RETIRE, (header[0],)))
-                conn.close()
-                return
+        too_big = max_memory is not None and memory.rss_bytes() > max_memory
+        if (budget is not None and budget <= 0) or too_big:
+            # Retire: a fresh worker takes this one's place (and what it holds goes).
+            send(frame(RETIRE, (header[0],)))
+            conn.close()
+            return
 
 
 __all__ = ["frame", "unframe", "worker_main"]

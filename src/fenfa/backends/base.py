@@ -46,11 +46,14 @@ class Backend(abc.ABC):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_worker: int | None = None,
+        memory_floor: int | None = None,
     ) -> None:
         self.workers = workers
         self.initializer = initializer
         self.initargs = initargs
         self.max_tasks_per_worker = max_tasks_per_worker
+        #: Bytes of available memory below which no new batch starts.
+        self.memory_floor = memory_floor
 
     @abc.abstractmethod
     def submit(self, batch: Batch, *, urgent: bool = False) -> None:
@@ -63,6 +66,10 @@ class Backend(abc.ABC):
         With ``cancel`` (``shutdown(cancel_futures=True)``), tasks still
         running after a short grace are stopped where the backend can.
         """
+
+    def idle_workers(self) -> int | None:
+        """How many workers wait for work now; None where the backend cannot tell."""
+        return None
 
     def abandon(self, job: Job) -> None:
         """The caller gave up on ``job`` (Ctrl-C): drop its queued batches,

@@ -55,7 +55,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import _shadow, relay, sharing
+from .. import _shadow, memory, relay, sharing
 from ..errors import (
     FenfaError,
     PoolClosed,
@@ -209,6 +209,7 @@ class _Worker:
         "functions",
         "id",
         "marks",
+        "oom_kills",
         "outbox",
         "process",
         "ready",
@@ -222,6 +223,8 @@ class _Worker:
         self.id = worker_id
         # Shared with the worker: (batch id, index of the task it runs), for MARKED batches.
         self.marks = marks
+        # The kernel's OOM-kill count when it started: a SIGKILL after a rise names the cause.
+        self.oom_kills = memory.oom_kills()
         self.process = process
         self.conn = conn
         # The same socket as ``conn``, for the raw out-of-band result buffers.
@@ -288,10 +291,14 @@ class ProcessBackend(Backend):
         start_method: str | None = None,
         native_threads: int | str | bool = "auto",
         worker_output: str = "relay",
+        max_worker_memory: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(workers, **kwargs)
         self.worker_output = worker_output
+        self.max_worker_memory = max_worker_memory
+        # True while memory_floor holds dispatch back: the manager looks again soon.
+        self._memory_held = False
         if native_threads == "auto":
             # N workers each running a BLAS with every core's worth of threads
             # would start N x cores threads on cores cores.
@@ -381,6 +388,7 @@ class ProcessBackend(Backend):
                 self.native_threads,
                 relay.levels() if self.worker_output == "relay" else None,
                 marks,
+                self.max_worker_memory,
             ),
         )
         try:
@@ -544,9 +552,16 @@ class ProcessBackend(Backend):
     def _assign(self) -> None:
         """Hand pending batches to workers with room. Called with ``_lock`` held."""
         pending = self._pending
+        self._memory_held = bool(pending) and memory.below_floor(self.memory_floor)
+        if self._memory_held:
+            return  # (the manager looks again in memory.POLL_SECONDS)
         now = time.monotonic()
         timed = False
-        for worker in self._workers.values():
+        # Idle ready workers first: a replacement still starting (importing),
+        # or a busy worker taking a batch in line behind its running one (a
+        # straggler's, perhaps), would hold a batch an idle one starts at once.
+        workers = sorted(self._workers.values(), key=lambda w: (not w.ready, len(w.batches)))
+        for worker in workers:
             while pending and self._has_room(worker, pending[0]):
                 batch = pending.popleft()
                 if not batch.job.claim():
@@ -571,6 +586,14 @@ class ProcessBackend(Backend):
         if timed:
             self._wake()  # a new deadline: the manager must wait with it in view
 
+    def idle_workers(self) -> int:
+        with self._lock:
+            return sum(
+                1
+                for w in self._workers.values()
+                if w.ready and not w.batches and not w.retiring and w.blame is None
+            )
+
     def idle(self) -> bool:
         with self._lock:
             if any(batch.job.dropped() for batch in self._pending):
@@ -584,6 +607,8 @@ class ProcessBackend(Backend):
         deadlines = [d for w in self._workers.values() if (d := w.deadline()) is not None]
         if self._cancel_at is not None:
             deadlines.append(self._cancel_at)
+        if self._memory_held:
+            deadlines.append(time.monotonic() + memory.POLL_SECONDS)
         if not deadlines:
             return None
         # (Capped: the selector overflows on a wait of ~1e10 s.)
@@ -607,6 +632,8 @@ class ProcessBackend(Backend):
                             limit=limit,
                         )
                     )
+            if self._memory_held:
+                self._assign()  # memory may have been freed: dispatch again
             if self._cancel_at is not None and now >= self._cancel_at:
                 self._cancel_at = None
                 cancel_running = [w for w in self._workers.values() if w.batches]
@@ -836,9 +863,15 @@ class ProcessBackend(Backend):
 
     @staticmethod
     def _crashed(worker: _Worker, code: int | None, index: int) -> WorkerCrashed:
+        cause = ""
+        if code == -signal.SIGKILL and memory.oom_kills() > worker.oom_kills:
+            cause = (
+                " (most likely by the kernel's OOM killer: the machine ran out of memory; "
+                "see the Pool options memory_floor and max_worker_memory)"
+            )
         return WorkerCrashed(
             f"worker {worker.id} (pid {worker.process.pid}) "
-            f"{exit_description(code)} while running task {index}",
+            f"{exit_description(code)}{cause} while running task {index}",
             index=index,
             exitcode=code,
         )

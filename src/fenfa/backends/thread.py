@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import memory
 from ..errors import PoolClosed, TaskTimeout
 from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, run_batch, stamped
 from ..worker import running, set_slot
@@ -52,6 +53,9 @@ class WorkQueue:
             while not self._items:
                 self._ready.wait()
             return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def drain(self) -> list[Batch | None]:
         with self._ready:
@@ -146,6 +150,9 @@ class ThreadBackend(Backend):
                     if batch.job.claim():
                         fail_batch(batch, self.broken)
                     continue
+                while memory.below_floor(self.memory_floor) and not self._closed:
+                    # No new batch while memory is short; it is looked at again soon.
+                    time.sleep(memory.POLL_SECONDS)
                 if not batch.job.claim():
                     continue
                 if budget is not None and budget < len(batch.items):
@@ -293,6 +300,11 @@ class ThreadBackend(Backend):
             )
             self._abandon(slot, error, reports)
         return min(deadlines) if deadlines else now + 0.5
+
+    def idle_workers(self) -> int:
+        with self._lock:
+            waiting = sum(1 for slot in self._slots.values() if slot.batch is None)
+            return max(0, waiting - len(self._queue))
 
     def abandon(self, job: Job) -> None:
         job.cancelled = True
