@@ -444,22 +444,38 @@ class Pool:
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> list[R]:
         """``list(map(fn, *iterables))`` on the workers; raises the first failure seen."""
+        from .journaled import journaled_list  # journal=: see fenfa.journaled
+
+        if (done := journaled_list(self, fn, iterables, options)) is not None:
+            return done
         return self._spread(fn, iterables, True, options).collect()
 
     def imap(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazy and ordered; at most ``window`` inputs pulled ahead of the consumer."""
+        from .journaled import journaled
+
+        if (call := journaled(self, fn, iterables, options, ordered=True)) is not None:
+            return call
         return self._spread(fn, iterables, True, options).results()
 
     def imap_unordered(
         self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any
     ) -> Iterator[R]:
         """Lazy; results in the order they finish."""
+        from .journaled import journaled
+
+        if (call := journaled(self, fn, iterables, options, ordered=False)) is not None:
+            return call
         return self._spread(fn, iterables, False, options).results()
 
     def starmap(
         self, fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: Any
     ) -> list[R]:
         """``[fn(*args) for args in iterable]`` on the workers."""
+        from .journaled import journaled_list
+
+        if (done := journaled_list(self, fn, (iterable,), options, star=True)) is not None:
+            return done
         run = self._run(
             fn,
             Style.STAR,
