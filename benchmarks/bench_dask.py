@@ -26,20 +26,15 @@ checked against the serial answer.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import logging
-import os
-import platform
-import shlex
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import dask.bag as db
 import distributed
 
 import fenfa
+import harness
 from fenfa.backends.dask import local_cluster
 
 TINY_GOAL = 2.0  # fenfa at least this many times faster than client.map
@@ -58,22 +53,7 @@ def spin(x: int) -> int:
     return total
 
 
-def _calibrate(seconds: float = 0.05) -> int:
-    loops = 100_000
-    while True:
-        start = time.perf_counter()
-        total = 0
-        for i in range(loops):
-            total += i ^ 1
-        took = time.perf_counter() - start
-        if took > 0.01:
-            return int(loops * seconds / took)
-        loops *= 4
-
-
-SPIN_LOOPS = int(os.environ.get("FENFA_BENCH_SPIN_LOOPS", "0")) or _calibrate()
-# (Workers import this module afresh: the environment carries the calibration.)
-os.environ["FENFA_BENCH_SPIN_LOOPS"] = str(SPIN_LOOPS)
+SPIN_LOOPS = harness.spin_loops(0.05, enough=0.01)
 
 
 def contenders(
@@ -92,32 +72,20 @@ def measure(
     xs: list[int],
     reps: int,
 ) -> dict[str, list[float]]:
-    want = [fn(x) for x in xs]
-    for run in runs.values():  # warm: the function is on every worker
-        assert run(fn, xs) == want
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(reps):
-        order = names if rep % 2 == 0 else names[::-1]
-        shift = (rep // 2) % len(order)
-        for name in order[shift:] + order[:shift]:
-            gc.collect()
-            start = time.perf_counter()
-            out = runs[name](fn, xs)
-            times[name].append(time.perf_counter() - start)
-            assert out == want, name
-    return times
+    calls = {name: functools.partial(run, fn, xs) for name, run in runs.items()}
+    return harness.repeat(calls, reps, harness.equal_to([fn(x) for x in xs]))
 
 
 def table(title: str, times: dict[str, list[float]], limit: str) -> float:
     ref = min(times["client.map"])
     print(f"\n### {title}\n")
     print(f"Physical limit: {limit}\n")
-    print("| contender | min | ratio to client.map | speedup over client.map |")
-    print("| --- | --- | --- | --- |")
-    for name, samples in times.items():
-        best = min(samples)
-        print(f"| {name} | {best * 1e3:.1f} ms | {best / ref:.2f}x | {ref / best:.2f}x |")
+    rows = [
+        [name, f"{min(t) * 1e3:.1f} ms", f"{min(t) / ref:.2f}x", f"{ref / min(t):.2f}x"]
+        for name, t in times.items()
+    ]
+    headers = ["contender", "min", "ratio to client.map", "speedup over client.map"]
+    print(harness.markdown_table(headers, rows, pad=False))
     return min(times["fenfa"]) / ref
 
 
@@ -129,7 +97,7 @@ def main() -> int:
     reps = 2 if args.quick else args.reps
     tiny = list(range(2_000 if args.quick else 10_000))
     cpu = list(range(40 if args.quick else 200))
-    load_before = os.getloadavg()
+    load_before = harness.load()
     with (
         local_cluster(2, silence_logs=logging.ERROR) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
@@ -138,15 +106,16 @@ def main() -> int:
         runs = contenders(pool, client)
         tiny_times = measure(runs, square, tiny, reps)
         cpu_times = measure(runs, spin, cpu, reps)
-    load_after = os.getloadavg()
+    load_after = harness.load()
     print("## fenfa dask backend vs plain Dask (2-worker LocalCluster)\n")
-    print(f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`\n")
+    print(f"Command: `{harness.command()}`\n")
     print(
-        f"- {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}, "
-        f"distributed {distributed.__version__}; cluster: 2 worker processes x 1 thread, "
-        f"127.0.0.1; min of {reps} interleaved repetitions on warm clients"
+        harness.machine_line(
+            f"distributed {distributed.__version__}; cluster: 2 worker processes x 1 thread, "
+            f"127.0.0.1; min of {reps} interleaved repetitions on warm clients"
+        )
     )
-    print(f"- load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(harness.load_line(load_before, load_after))
     tiny_ratio = table(
         f"{len(tiny):,} tiny tasks (`x*x`)",
         tiny_times,
@@ -162,11 +131,11 @@ def main() -> int:
     cpu_met = cpu_ratio <= CPU_GOAL
     print(
         f"- Goal tiny tasks (>= {TINY_GOAL:g}x faster than client.map): "
-        f"{'MET' if tiny_met else 'MISSED'} ({1 / tiny_ratio:.1f}x)"
+        f"{harness.verdict(tiny_met)} ({1 / tiny_ratio:.1f}x)"
     )
     print(
         f"- Goal CPU tasks (within {CPU_GOAL:g}x of client.map): "
-        f"{'MET' if cpu_met else 'MISSED'} ({cpu_ratio:.2f}x)"
+        f"{harness.verdict(cpu_met)} ({cpu_ratio:.2f}x)"
     )
     return 0
 

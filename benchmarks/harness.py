@@ -1,0 +1,299 @@
+"""What every benchmark here shares: the clock, the order of runs, the tables, the machine.
+
+A benchmark file holds only its workloads and its contenders; it imports this
+module (``python benchmarks/bench_X.py`` puts ``benchmarks/`` first on
+``sys.path``, so ``import harness`` works without installing anything).
+
+The method is ``shared/BENCHMARKING.md``'s:
+
+- ``orders`` / ``interleave``: repetitions interleaved round-robin, the order
+  varied per repetition (forwards, backwards, rotated), so that a noisy spell,
+  or the BLAS threads the previous contender left spinning, hits every
+  contender alike and nobody always runs after the same neighbour;
+- ``timed`` / ``timed_cpu``: garbage is collected before the clock starts, not
+  during the timed call;
+- ``repeat``: warm every contender once (checked), then time interleaved
+  repetitions, checking every output;
+- ``best`` / ``median``: the minimum is the least-disturbed run, reported with
+  the median beside it;
+- ``load`` / ``busy_warning``: the load average against the usable cores. On a
+  shared 2-core machine other work inflates every time by 2-3x; a run that
+  started or ended busy says so in its output, and then only its ratios count.
+- ``machine_line`` / ``load_line``: cores, Python, load, written at the top of
+  each report; ``write_json``: the raw results.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+# BENCHMARKING.md rule 6: the cores this process may run on, not os.cpu_count().
+CORES = len(os.sched_getaffinity(0))
+# A 1-minute load above this share of the usable cores means other work held at least
+# one core for most of the last minute (1.5 on 2 cores: bench_run's first threshold).
+BUSY_SHARE = 0.75
+
+
+# --- the order of runs and the clock ----------------------------------------------------
+
+
+def orders(n: int, reps: int, *, stride: int | None = None) -> Iterator[list[int]]:
+    """Indexes 0..n-1 once per repetition: forwards, backwards, then rotated.
+
+    The rotation is by ``rep // 2`` (each direction meets each start once), or by
+    ``rep * stride`` where a benchmark's figures were measured that way (``stride=0``:
+    plain alternation, forwards and backwards).
+    """
+    for rep in range(reps):
+        order = list(range(n)) if rep % 2 == 0 else list(range(n))[::-1]
+        shift = (rep * stride if stride is not None else rep // 2) % max(n, 1)
+        yield order[shift:] + order[:shift]
+
+
+def interleave(items: Sequence[T], reps: int, *, stride: int | None = None) -> Iterator[T]:
+    """Every item once per repetition, in ``orders``' varied order."""
+    for order in orders(len(items), reps, stride=stride):
+        for i in order:
+            yield items[i]
+
+
+def timed_cpu(call: Callable[[], T]) -> tuple[float, float, T]:
+    """Wall time, this process's CPU time (all its threads) and the result of ``call()``.
+
+    Garbage is collected first, so that no contender pays for another's garbage.
+    """
+    gc.collect()
+    cpu = time.process_time()
+    start = time.perf_counter()
+    out = call()
+    return time.perf_counter() - start, time.process_time() - cpu, out
+
+
+def timed(call: Callable[[], T]) -> tuple[float, T]:
+    """Wall time of ``call()`` and its result; garbage is collected first, not during."""
+    gc.collect()
+    start = time.perf_counter()
+    out = call()
+    return time.perf_counter() - start, out
+
+
+def repeat(
+    contenders: Mapping[K, Callable[[], Any]],
+    reps: int,
+    check: Callable[[K, Any], None] | None = None,
+    *,
+    warm: bool = True,
+    stride: int | None = None,
+) -> dict[K, list[float]]:
+    """Wall times of ``reps`` interleaved runs of each contender, by name.
+
+    Each contender runs once untimed first (``warm``: pools started, the function on
+    every worker); ``stride`` is ``orders``'. ``check(name, output)`` sees every
+    output, the warm-up's too, and raises on a wrong one.
+    """
+    names = list(contenders)
+    if warm:
+        for name in names:
+            out = contenders[name]()
+            if check is not None:
+                check(name, out)
+    times: dict[K, list[float]] = {name: [] for name in names}
+    for name in interleave(names, reps, stride=stride):
+        seconds, out = timed(contenders[name])
+        times[name].append(seconds)
+        if check is not None:
+            check(name, out)
+    return times
+
+
+def equal_to(want: Any) -> Callable[[Any, Any], None]:
+    """A ``check`` for ``repeat``: every output equals ``want``."""
+
+    def check(name: Any, out: Any) -> None:
+        assert out == want, name
+
+    return check
+
+
+def same_as_first() -> Callable[[Any, Any], None]:
+    """A ``check`` for ``repeat``: every output equals the first (the first warm-up's)."""
+    first: list[Any] = []
+
+    def check(name: Any, out: Any) -> None:
+        if not first:
+            first.append(out)
+        assert out == first[0], name
+
+    return check
+
+
+def best(samples: Sequence[float]) -> float:
+    """The least-disturbed run; NaN without samples."""
+    return min(samples) if samples else math.nan
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples) if samples else math.nan
+
+
+def spin_loops(seconds: float, *, enough: float, env: str = "FENFA_BENCH_SPIN_LOOPS") -> int:
+    """How many rounds of ``total += i ^ x`` last ``seconds`` here (calibrated once).
+
+    The loop count grows 4x until one timing lasts ``enough`` seconds, then scales.
+    Workers import a benchmark afresh: the environment carries the figure to them, so
+    that every process spins the same count.
+    """
+    loops = int(os.environ.get(env, "0"))
+    if not loops:
+        loops = 100_000
+        while True:
+            start = time.perf_counter()
+            total = 0
+            for i in range(loops):
+                total += i ^ 1
+            took = time.perf_counter() - start
+            if took > enough:
+                loops = int(loops * seconds / took)
+                break
+            loops *= 4
+    os.environ[env] = str(loops)
+    return loops
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float | None) -> str:
+    """Three significant digits in s, ms or us; "-" for a missing time."""
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def fmt_ratio(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "-"
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "MISSED"
+
+
+def markdown_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    pad: bool = True,
+    align: str | None = None,
+) -> str:
+    """A markdown table; ``pad`` lines the columns up for a terminal.
+
+    ``align``, one letter a column, ``l`` or ``r``, right-aligns the ``r`` columns in
+    the markdown (``---:``). Unpadded tables are written as ``| --- |``.
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    right = [a == "r" for a in (align or "l" * len(headers))]
+    if not pad:
+        rule = ["---:" if r else "---" for r in right]
+        return "\n".join("| " + " | ".join(r) + " |" for r in [list(headers), rule, *cells])
+    widths = [max(len(c) for c in col) for col in zip(headers, *cells, strict=True)]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    ends = [":" if r else "-" for r in right]
+    rule = "|" + "|".join("-" * (w + 1) + e for w, e in zip(widths, ends, strict=True)) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+# --- the machine ------------------------------------------------------------------------
+
+
+def load() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages."""
+    return os.getloadavg()
+
+
+def fmt_load(loads: Sequence[float], sep: str = " ") -> str:
+    return sep.join(f"{x:.2f}" for x in loads)
+
+
+def busy_warning(*loads: Sequence[float]) -> str | None:
+    """A warning when any of these load averages (1 minute) says the machine was busy."""
+    worst = max((x[0] for x in loads), default=0.0)
+    if worst <= BUSY_SHARE * CORES:
+        return None
+    return (
+        f"WARNING: the machine was busy (1-minute load average {worst:.2f} on {CORES} "
+        "usable cores): times are inflated, only the ratios of this run mean anything"
+    )
+
+
+def python_version() -> str:
+    return platform.python_version()
+
+
+def machine_line(*details: str, prefix: str = "- ") -> str:
+    """``- N usable cores, Python X.Y.Z, <details>``: the line at the top of a report."""
+    return f"{prefix}{CORES} usable cores, Python {python_version()}" + "".join(
+        f", {d}" for d in details
+    )
+
+
+def load_line(before: Sequence[float], after: Sequence[float], tail: str = "") -> str:
+    """``- load average before X, after Y``, and a warning line when the machine was busy."""
+    text = f"- load average before {before[0]:.2f}, after {after[0]:.2f}{tail}"
+    warning = busy_warning(before, after)
+    return text if warning is None else f"{text}\n- {warning}"
+
+
+def command(script: str | None = None) -> str:
+    """The command line that ran this benchmark, as a reader would type it again.
+
+    With ``script``, ``python SCRIPT ARGS...``; without, the interpreter's name and
+    ``sys.argv`` as given.
+    """
+    if script is not None:
+        return shlex.join(["python", script, *sys.argv[1:]])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def git_commit(short: bool = True) -> str:
+    """The checkout's commit, ``?`` outside one."""
+    args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        out = subprocess.run(
+            args, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return out.stdout.strip()
+
+
+def write_json(path: Path | str, payload: Any) -> None:
+    """The raw results, for a later look; what JSON cannot hold is written as ``str``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
