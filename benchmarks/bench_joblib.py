@@ -30,15 +30,8 @@ output is checked against the first loky answer.
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import platform
-import shlex
 import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import joblib
@@ -50,6 +43,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import GridSearchCV
 
 import fenfa.joblib
+import harness
 
 TINY_GOAL = 1.0  # fenfa's time over loky's: below this on tiny calls
 OTHER_GOAL = 1.0  # ... and at most this on the others (the noise is a few %)
@@ -79,22 +73,7 @@ def square(x: int) -> int:
     return x * x
 
 
-def _calibrate(seconds: float = 0.1) -> int:
-    loops = 100_000
-    while True:
-        start = time.perf_counter()
-        total = 0
-        for i in range(loops):
-            total += i ^ 1
-        took = time.perf_counter() - start
-        if took > 0.02:
-            return int(loops * seconds / took)
-        loops *= 4
-
-
-SPIN_LOOPS = int(os.environ.get("FENFA_BENCH_SPIN_LOOPS", "0")) or _calibrate()
-# (Workers import this module afresh: the environment carries the calibration.)
-os.environ["FENFA_BENCH_SPIN_LOOPS"] = str(SPIN_LOOPS)
+SPIN_LOOPS = harness.spin_loops(0.1, enough=0.02)
 
 
 def spin(x: int) -> int:
@@ -126,7 +105,7 @@ def workloads(quick: bool) -> dict[str, tuple[Workload, str]]:
         search = GridSearchCV(forest, grid, cv=5, n_jobs=-1).fit(X, y)
         return search.best_params_, list(search.cv_results_["mean_test_score"])
 
-    cores = len(os.sched_getaffinity(0))
+    cores = harness.CORES
     return {
         f"{tiny:,} tiny calls (`x*x`)": (
             tiny_calls,
@@ -150,37 +129,33 @@ def contenders() -> dict[str, Any]:
 
 def measure(work: Workload, reps: int) -> dict[str, list[float]]:
     runs = contenders()
-    want = None
-    for backend in runs.values():  # warm: pools started, the function on every worker
-        with parallel_config(backend=backend):
-            out = work()
-        want = out if want is None else want
-        assert out == want
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(reps):
-        order = names if rep % 2 == 0 else names[::-1]
-        shift = (rep // 2) % len(order)
-        for name in order[shift:] + order[:shift]:
-            gc.collect()
-            with parallel_config(backend=runs[name]):
-                start = time.perf_counter()
-                out = work()
-                times[name].append(time.perf_counter() - start)
-            assert out == want, name
-    return times
+
+    def under(backend: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            with parallel_config(backend=backend):
+                return work()
+
+        return call
+
+    calls = {name: under(backend) for name, backend in runs.items()}
+    return harness.repeat(calls, reps, harness.same_as_first())  # loky's warm-up
 
 
 def table(title: str, times: dict[str, list[float]], limit: str) -> float:
     ref = min(times["loky"])
     print(f"\n### {title}\n")
     print(f"Physical limit: {limit}\n")
-    print("| contender | min | median | min / loky's min |")
-    print("| --- | --- | --- | --- |")
-    for name, samples in times.items():
-        best = min(samples)
-        middle = statistics.median(samples)
-        print(f"| {name} | {best * 1e3:.0f} ms | {middle * 1e3:.0f} ms | {best / ref:.2f}x |")
+    rows = [
+        [
+            name,
+            f"{min(samples) * 1e3:.0f} ms",
+            f"{statistics.median(samples) * 1e3:.0f} ms",
+            f"{min(samples) / ref:.2f}x",
+        ]
+        for name, samples in times.items()
+    ]
+    headers = ["contender", "min", "median", "min / loky's min"]
+    print(harness.markdown_table(headers, rows, pad=False))
     return min(times["fenfa"]) / ref
 
 
@@ -190,7 +165,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     reps = 2 if args.quick else args.reps
-    load_before = os.getloadavg()
+    load_before = harness.load()
     results = []
     try:
         for title, (work, limit) in workloads(args.quick).items():
@@ -198,25 +173,24 @@ def main() -> int:
     finally:
         fenfa.joblib.shutdown()
         get_reusable_executor().shutdown(wait=True)
-    load_after = os.getloadavg()
+    load_after = harness.load()
     print('## joblib: backend "fenfa" vs loky\n')
-    print(f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`\n")
+    print(f"Command: `{harness.command()}`\n")
     print(
-        f"- {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}, "
-        f"joblib {joblib.__version__}, scikit-learn {sklearn.__version__}; n_jobs=-1, "
-        f"joblib's auto batching; min and median of {reps} interleaved repetitions, warm pools"
+        harness.machine_line(
+            f"joblib {joblib.__version__}, scikit-learn {sklearn.__version__}; n_jobs=-1, "
+            f"joblib's auto batching; min and median of {reps} interleaved repetitions, "
+            "warm pools"
+        )
     )
-    print(f"- load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(harness.load_line(load_before, load_after))
     ratios = [table(title, times, limit) for title, times, limit in results]
     print()
     for number, ((title, _times, _limit), ratio) in enumerate(zip(results, ratios, strict=True)):
         goal = TINY_GOAL if number == 0 else OTHER_GOAL
         met = ratio < goal if number == 0 else ratio <= goal
         wanted = "faster than loky" if number == 0 else "no slower than loky"
-        print(
-            f"- Goal {title} ({wanted}): {'MET' if met else 'MISSED'} "
-            f"(fenfa {ratio:.2f}x loky's time)"
-        )
+        print(f"- Goal {title} ({wanted}): {harness.verdict(met)} (fenfa {ratio:.2f}x loky's time)")
     return 0
 
 
