@@ -22,17 +22,13 @@ with tqdm's default refresh interval. Each call's output is checked.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import os
-import platform
-import shlex
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import fenfa
+import harness
 
 BACKENDS = ("serial", "thread", "process")
 GOAL = 1.10
@@ -57,22 +53,15 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
 
 def relay_cost(inputs: list[int], want: list[int], reps: int) -> dict[str, list[float]]:
     """The same call on two process pools: workers' output relayed, or inherited."""
-    times: dict[str, list[float]] = {"relay": [], "inherit": []}
     with (
         fenfa.Pool("process", worker_output="relay") as relay,
         fenfa.Pool("process", worker_output="inherit") as inherit,
     ):
-        pools = {"relay": relay, "inherit": inherit}
-        for pool in pools.values():
-            assert pool.map(square, inputs) == want
-        for rep in range(reps):
-            for name in ("relay", "inherit") if rep % 2 == 0 else ("inherit", "relay"):
-                gc.collect()
-                start = time.perf_counter()
-                out = pools[name].map(square, inputs)
-                times[name].append(time.perf_counter() - start)
-                assert out == want
-    return times
+        calls = {
+            name: functools.partial(pool.map, square, inputs)
+            for name, pool in (("relay", relay), ("inherit", inherit))
+        }
+        return harness.repeat(calls, reps, harness.equal_to(want), stride=0)
 
 
 def main() -> int:
@@ -85,40 +74,28 @@ def main() -> int:
     reps = 3 if args.quick else args.reps
     inputs = list(range(tasks))
     want = [square(x) for x in inputs]
-    load_before = os.getloadavg()
+    load_before = harness.load()
     relay_times = relay_cost(inputs, want, reps)
     with open(os.devnull, "w") as devnull:
         options = variants(devnull)
-        contenders = [(b, v) for b in BACKENDS for v in options]
-        for backend, variant in contenders:  # warm every pool and code path
-            assert fenfa.map(square, inputs, backend=backend, **options[variant]) == want
-        times: dict[tuple[str, str], list[float]] = {c: [] for c in contenders}
-        for rep in range(reps):
-            order = contenders if rep % 2 == 0 else contenders[::-1]
-            shift = (rep // 2) % len(order)
-            for backend, variant in order[shift:] + order[:shift]:
-                gc.collect()
-                start = time.perf_counter()
-                out = fenfa.map(square, inputs, backend=backend, **options[variant])
-                times[(backend, variant)].append(time.perf_counter() - start)
-                assert out == want
-    load_after = os.getloadavg()
+        calls = {
+            (backend, variant): functools.partial(
+                fenfa.map, square, inputs, backend=backend, **options[variant]
+            )
+            for backend in BACKENDS
+            for variant in options
+        }
+        times = harness.repeat(calls, reps, harness.equal_to(want))  # warms every pool and path
+    load_after = harness.load()
     print("# What watching costs: progress and insights on tiny tasks\n")
-    print(f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`\n")
-    print(
-        f"- {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}, "
-        f"{tasks:,} x `x*x`, min of {reps} interleaved repetitions"
-    )
-    print(
-        f"- load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-        "the bar writes to os.devnull\n"
-    )
-    print("| backend | plain | progress | insights | progress + insights |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"Command: `{harness.command()}`\n")
+    print(harness.machine_line(f"{tasks:,} x `x*x`, min of {reps} interleaved repetitions"))
+    print(harness.load_line(load_before, load_after, "; the bar writes to os.devnull") + "\n")
     verdicts = []
+    rows = []
     for backend in BACKENDS:
         base = min(times[(backend, "plain")])
-        cells = [f"{base * 1e3:.1f} ms"]
+        cells = [backend, f"{base * 1e3:.1f} ms"]
         for variant in ("progress", "insights", "both"):
             best = min(times[(backend, variant)])
             median = statistics.median(times[(backend, variant)]) / statistics.median(
@@ -128,7 +105,9 @@ def main() -> int:
             cells.append(f"{best * 1e3:.1f} ms ({ratio:.2f}x; median {median:.2f}x)")
             if variant != "both":
                 verdicts.append((backend, variant, ratio))
-        print(f"| {backend} | " + " | ".join(cells) + " |")
+        rows.append(cells)
+    headers = ["backend", "plain", "progress", "insights", "progress + insights"]
+    print(harness.markdown_table(headers, rows, pad=False))
     relay, inherit = min(relay_times["relay"]), min(relay_times["inherit"])
     print(
         f"\nOutput relay (process pool, 2 workers, tasks print nothing): relay "
