@@ -65,7 +65,6 @@ import multiprocessing.pool
 import os
 import platform
 import resource
-import shlex
 import signal
 import statistics
 import subprocess
@@ -78,6 +77,8 @@ from pathlib import Path
 from typing import Any
 
 import fenfa
+import harness
+from harness import fmt_ratio, fmt_time, markdown_table, timed, timed_cpu, verdict
 
 Fn = Callable[[Any], Any]
 Runner = Callable[[Fn, Sequence[Any]], list[Any]]
@@ -85,7 +86,7 @@ Runner = Callable[[Fn, Sequence[Any]], list[Any]]
 PEER_START_METHOD = "forkserver"  # fenfa's default on Linux; the peers get the same
 RESULT_MARK = "@@bench-result "
 WORKLOADS = ("tiny", "cpu", "memory", "reuse")
-CORES = len(os.sched_getaffinity(0))
+CORES = harness.CORES
 # Runs of a contender that takes seconds per run (PPE.map chunksize 1 on tiny tasks).
 SLOW_REPS = 3
 
@@ -172,47 +173,6 @@ class Settings:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def fmt_time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
-
-
-def fmt_ratio(ratio: float) -> str:
-    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "MISSED"
-
-
-def timed(call: Callable[[], Any]) -> tuple[float, Any]:
-    """Wall time of ``call()`` and its result; garbage is collected first, not during."""
-    seconds, _, out = timed_cpu(call)
-    return seconds, out
-
-
-def timed_cpu(call: Callable[[], Any]) -> tuple[float, float, Any]:
-    """Wall time, this process's CPU time (all its threads) and the result of ``call()``."""
-    gc.collect()
-    cpu = time.process_time()
-    start = time.perf_counter()
-    out = call()
-    return time.perf_counter() - start, time.process_time() - cpu, out
-
-
 def run_child(args: Sequence[str], timeout: float) -> dict[str, Any]:
     """Run this script with ``--_child ARGS`` in a fresh interpreter and process group.
 
@@ -279,14 +239,8 @@ def machine_info() -> dict[str, Any]:
         "peer_start_method": PEER_START_METHOD,
         "joblib": f"{joblib.__version__} (loky workers)",
         "mpire": version("mpire"),
-        "loadavg_at_start": loadavg(),
+        "loadavg_at_start": harness.fmt_load(harness.load()),
     }
-
-
-def loadavg() -> str:
-    """The 1-, 5- and 15-minute load averages: well above 0, other work shared the cores."""
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def machine_line(machine: dict[str, Any]) -> str:
@@ -1135,45 +1089,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         child_main(args._child)
         return
     settings = Settings.make(args.quick, args.scale)
-    command = shlex.join(["python", "benchmarks/bench_core.py", *sys.argv[1:]])
     machine = machine_info()
-    smoke = " (--quick: a smoke run, not for RESULTS.md)" if args.quick else ""
-    print(f"# fenfa core benchmarks{smoke}\n")
-    print(f"Command: `{command}`\n\n{machine_line(machine)}\n", flush=True)
-    report: dict[str, Any] = {
-        "command": command,
-        "machine": machine,
-        "settings": settings.__dict__,
-        "workloads": {},
-    }
-    for name in args.only or WORKLOADS:
-        rerun = shlex.join(
-            [
-                "python",
-                "benchmarks/bench_core.py",
-                "--only",
-                name,
-                *(["--quick"] if args.quick else []),
-                *(["--scale", str(args.scale)] if args.scale != 1 else []),
-            ]
-        )
-        start = time.perf_counter()
-        load_before = loadavg()
-        result = WORKLOAD_FUNCS[name](settings)
-        result["wall_s"] = time.perf_counter() - start
-        result["loadavg_before"], result["loadavg_after"] = load_before, loadavg()
-        report["workloads"][name] = result
-        print(f"## {name}\n\nCommand: `{command}` (this workload alone: `{rerun}`)\n")
-        print(result["text"])
-        print(
-            f"\n({name}: {result['wall_s']:.0f} s; load average before {load_before}, "
-            f"after {result['loadavg_after']})\n",
-            flush=True,
-        )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"JSON written to {args.out}")
+    harness.run_workloads(
+        "fenfa core benchmarks",
+        "benchmarks/bench_core.py",
+        {
+            name: functools.partial(WORKLOAD_FUNCS[name], settings)
+            for name in args.only or WORKLOADS
+        },
+        machine=machine,
+        machine_text=machine_line(machine),
+        settings=settings,
+        quick=args.quick,
+        scale=args.scale,
+        out=args.out,
+    )
 
 
 if __name__ == "__main__":

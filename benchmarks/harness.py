@@ -189,12 +189,13 @@ def fmt_time(seconds: float | None) -> str:
     return f"{seconds * 1e6:.3g} us"
 
 
-def fmt_ratio(ratio: float) -> str:
+def fmt_ratio(ratio: float, *, fine: bool = False) -> str:
+    """``0.36x``, ``12.5x``; ``fine``: two significant digits below 0.1x (``0.052x``)."""
     if math.isnan(ratio):
         return "-"
     if ratio >= 10:
         return f"{ratio:.1f}x"
-    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+    return f"{ratio:.2g}x" if fine and ratio < 0.1 else f"{ratio:.2f}x"
 
 
 def verdict(met: bool) -> str:
@@ -297,3 +298,64 @@ def write_json(path: Path | str, payload: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def run_workloads(
+    title: str,
+    script: str,
+    workloads: Mapping[str, Callable[[], dict[str, Any]]],
+    *,
+    machine: dict[str, Any],
+    machine_text: str,
+    settings: Any,
+    quick: bool,
+    scale: int,
+    out: Path | None,
+) -> dict[str, Any]:
+    """Run named workloads one after the other, each printed as it ends, and the report.
+
+    Each workload returns a dict with its ``text`` (printed) and its raw results; it
+    gets its wall time and the load average before and after it, and a command that
+    runs it alone. With ``out``, the whole report is written there as JSON.
+    """
+    cmd = command(script)
+    smoke = " (--quick: a smoke run, not for RESULTS.md)" if quick else ""
+    print(f"# {title}{smoke}\n")
+    print(f"Command: `{cmd}`\n\n{machine_text}\n", flush=True)
+    if warning := busy_warning(load()):
+        print(f"{warning}\n", flush=True)
+    report: dict[str, Any] = {
+        "command": cmd,
+        "machine": machine,
+        "settings": settings.__dict__,
+        "workloads": {},
+    }
+    for name, run in workloads.items():
+        alone = [
+            "python",
+            script,
+            "--only",
+            name,
+            *(["--quick"] if quick else []),
+            *(["--scale", str(scale)] if scale != 1 else []),
+        ]
+        start = time.perf_counter()
+        before = load()
+        result = run()
+        after = load()
+        result["wall_s"] = time.perf_counter() - start
+        result["loadavg_before"], result["loadavg_after"] = fmt_load(before), fmt_load(after)
+        report["workloads"][name] = result
+        print(f"## {name}\n\nCommand: `{cmd}` (this workload alone: `{shlex.join(alone)}`)\n")
+        print(result["text"])
+        print(
+            f"\n({name}: {result['wall_s']:.0f} s; load average before "
+            f"{result['loadavg_before']}, after {result['loadavg_after']})\n",
+            flush=True,
+        )
+        if warning := busy_warning(before, after):
+            print(f"{warning}\n", flush=True)
+    if out:
+        write_json(out, report)
+        print(f"JSON written to {out}")
+    return report
