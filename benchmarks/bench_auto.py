@@ -48,15 +48,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hashlib
-import json
 import math
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -69,8 +65,9 @@ import numpy as np
 
 import fenfa
 import fenfa.api
+import harness
 
-CORES = len(os.sched_getaffinity(0))
+CORES = harness.CORES
 SYNC_BACKENDS = ("serial", "thread", "process")
 GOAL_RATIO = 1.15
 WORKLOADS = ("io", "cpu", "tiny", "sha256", "numpy", "async")
@@ -228,14 +225,11 @@ def decision_now() -> dict[str, Any]:
 
 
 def timed_map(fn: Callable[..., Any], inputs: list[Any], backend: str) -> tuple[float, list[Any]]:
-    gc.collect()
-    start = time.perf_counter()
-    out = fenfa.map(fn, inputs, backend=backend)
-    return time.perf_counter() - start, out
+    return harness.timed(lambda: fenfa.map(fn, inputs, backend=backend))
 
 
 def run_workload(work: Workload, reps: int) -> dict[str, Any]:
-    load_before = os.getloadavg()
+    load_before = harness.load()
     rows = {b: Row(b) for b in ("serial", "thread", "process", "async", "auto")}
     for name in rows:
         if name != "auto" and name not in work.backends:
@@ -262,23 +256,20 @@ def run_workload(work: Workload, reps: int) -> dict[str, Any]:
                 row.note = "n/a (ran without error?)"
     decisions: list[dict[str, Any]] = []
     contenders = [*work.backends, "auto"]
-    for rep in range(reps):
-        # Vary the order each repetition (forwards, backwards, rotated): a contender
-        # that always ran right after the process backend would pay for its workers'
-        # OpenBLAS threads, which spin on after the work for a while (measured: auto
-        # after process 140-157 ms, after serial or thread 67-82 ms, on numpy).
-        order = contenders if rep % 2 == 0 else contenders[::-1]
-        shift = (rep // 2) % len(order)
-        for name in order[shift:] + order[:shift]:
-            seconds, out = timed_map(work.fn, work.inputs, name)
-            row = rows[name]
-            row.times.append(seconds)
-            row.correct = row.correct and same(out, want, work.close)
-            if name == "auto":
-                decision = decision_now()
-                decisions.append(decision)
-                row.choices.append(decision.get("backend", "?"))
-    load_after = os.getloadavg()
+    # The order varies each repetition (forwards, backwards, rotated): a contender
+    # that always ran right after the process backend would pay for its workers'
+    # OpenBLAS threads, which spin on after the work for a while (measured: auto
+    # after process 140-157 ms, after serial or thread 67-82 ms, on numpy).
+    for name in harness.interleave(contenders, reps):
+        seconds, out = timed_map(work.fn, work.inputs, name)
+        row = rows[name]
+        row.times.append(seconds)
+        row.correct = row.correct and same(out, want, work.close)
+        if name == "auto":
+            decision = decision_now()
+            decisions.append(decision)
+            row.choices.append(decision.get("backend", "?"))
+    load_after = harness.load()
     fixed = {n: rows[n].best for n in work.backends}
     best_name = min(fixed, key=lambda n: fixed[n] or math.inf)
     worst_name = max(fixed, key=lambda n: fixed[n] or 0.0)
@@ -322,17 +313,6 @@ def fmt_time(seconds: float | None) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.3f} s"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
-
-    return "\n".join([line(headers), line(["---"] * len(headers)), *map(line, rows)])
-
-
-def fmt_loads(loads: Sequence[float]) -> str:
-    return " / ".join(f"{x:.2f}" for x in loads)
 
 
 def short_decision(d: dict[str, Any]) -> str:
@@ -379,13 +359,15 @@ def workload_report(result: dict[str, Any]) -> str:
         "runs",
         "result",
     ]
-    lines.append(markdown_table(headers, table))
+    lines.append(harness.markdown_table(headers, table, pad=False))
     lines.append("")
     lines.append(f"Physical limit: {result['limit']}.")
     lines.append(
-        f"Load average (1/5/15 min) before: {fmt_loads(result['load_before'])}; "
-        f"after: {fmt_loads(result['load_after'])}."
+        f"Load average (1/5/15 min) before: {harness.fmt_load(result['load_before'], ' / ')}; "
+        f"after: {harness.fmt_load(result['load_after'], ' / ')}."
     )
+    if warning := harness.busy_warning(result["load_before"], result["load_after"]):
+        lines.append(f"{warning}.")
     decisions = result["decisions"] or [result["warm_decision"]]
     last = decisions[-1]
     lines.append(f"auto's evidence (last timed call): {short_decision(last)}.")
@@ -418,21 +400,7 @@ def summary_report(results: list[dict[str, Any]]) -> str:
         "goal",
         "auto's reason",
     ]
-    return markdown_table(headers, table)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-    return out.stdout.strip()
+    return harness.markdown_table(headers, table, pad=False)
 
 
 def blas_info() -> str:
@@ -458,14 +426,14 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "fenfa": version("fenfa"),
-        "commit": git_commit(),
+        "commit": harness.git_commit(),
         "numpy": np.__version__,
         "blas": blas_info(),
         "openblas_env": {
             k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ
         },
         "process_start_method": "forkserver (fenfa's default on Linux)",
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": harness.command(),
     }
 
 
@@ -502,9 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     met = sum(r["goal_met"] for r in results)
     print(f"\nGoal (auto <= {GOAL_RATIO}x best fixed, never the worst): {met}/{len(results)} met.")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": machine, "reps": reps, "results": results}
-        args.out.write_text(json.dumps(payload, indent=2, default=repr))
+        harness.write_json(args.out, {"machine": machine, "reps": reps, "results": results})
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_map_memory.py [--sizes-mb 100,1024] [--backend thread]
+    python benchmarks/bench_map_memory.py [--quick] [--sizes-mb 100,1024] [--backend thread]
+
+(``--quick``: 10 and 50 MB, a smoke run.)
 
 For each size, writes a JSONL file of ~1 KB records to a temporary directory,
 runs ``fenfa map`` on it as a subprocess (``benchmarks/_map_task.py:measure``,
@@ -17,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 RECORD_PAYLOAD = 1000  # characters of text per record: ~1 KB lines
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +73,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", default="100,1024", help="input sizes in MB, comma-separated")
     parser.add_argument("--backend", default="thread")
+    parser.add_argument("--quick", action="store_true", help="10 and 50 MB: a smoke run")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes_mb.split(",")]
+    sizes = [10, 50] if args.quick else [int(s) for s in args.sizes_mb.split(",")]
+    load_before = harness.load()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fenfa-map-bench-") as tmp:
         for megabytes in sizes:
@@ -85,18 +89,26 @@ def main() -> int:
             input_path.unlink()
             output.unlink()
     print("## `fenfa map`: memory against input size\n")
-    print(f"Command: `{shlex.join(['python', *sys.argv])}`\n")
+    print(f"Command: `{harness.command('benchmarks/bench_map_memory.py')}`\n")
     print(
-        f"- {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}, "
-        f"backend {args.backend}; records of ~{RECORD_PAYLOAD} characters\n"
-    )
-    print("| input | records | wall | records/s | peak RSS of `fenfa map` | output |")
-    print("| ---: | ---: | ---: | ---: | ---: | --- |")
-    for _mb, count, size, wall, peak_kib, verdict in rows:
-        print(
-            f"| {size / 1e6:,.0f} MB | {count:,} | {wall:.1f} s | {count / wall:,.0f} | "
-            f"{peak_kib / 1024:.0f} MiB | {verdict} |"
+        harness.machine_line(
+            f"backend {args.backend}; records of ~{RECORD_PAYLOAD} characters",
         )
+    )
+    print(harness.load_line(load_before, harness.load()) + "\n")
+    table = [
+        [
+            f"{size / 1e6:,.0f} MB",
+            f"{count:,}",
+            f"{wall:.1f} s",
+            f"{count / wall:,.0f}",
+            f"{peak_kib / 1024:.0f} MiB",
+            verdict,
+        ]
+        for _mb, count, size, wall, peak_kib, verdict in rows
+    ]
+    headers = ["input", "records", "wall", "records/s", "peak RSS of `fenfa map`", "output"]
+    print(harness.markdown_table(headers, table, pad=False, align="rrrrrl"))
     return 0
 
 

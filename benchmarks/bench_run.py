@@ -63,7 +63,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-CORES = len(os.sched_getaffinity(0))
+import harness
+
+CORES = harness.CORES
 GOAL_PER_JOB_MS = 0.6
 GOAL_SPEEDUP = 4.0
 GOAL_OVERSHOOT = 0.1
@@ -436,21 +438,18 @@ def throughput(jobs: int, count: int, reps: int, tpe_script: Path) -> dict[str, 
     lingered: dict[str, list[float | None]] = {r.name: [] for r in rows}
     cpu: dict[tuple[str, str, int], list[float]] = {key: [] for key in times}
     with tempfile.TemporaryDirectory(prefix="bench_run-") as tmp:
-        for rep in range(reps):
-            order = runs if rep % 2 == 0 else runs[::-1]
-            shift = (rep * 7) % len(order)
-            for workload, name, xs in order[shift:] + order[:shift]:
-                template = WORKLOADS[workload]
-                inv = by_name[name].build(template, xs, Path(tmp))
-                outcome = execute(inv)
-                key = (workload, name, len(xs))
-                times[key].append(outcome.seconds)
-                lines[key] = len(outcome.stdout.splitlines())
-                lingered[name].append(outcome.lingered)
-                cpu[key].append(outcome.cpu)
-                for problem in check(outcome, inv, template, xs):
-                    if problem not in problems[key]:
-                        problems[key].append(problem)
+        for workload, name, xs in harness.interleave(runs, reps, stride=7):
+            template = WORKLOADS[workload]
+            inv = by_name[name].build(template, xs, Path(tmp))
+            outcome = execute(inv)
+            key = (workload, name, len(xs))
+            times[key].append(outcome.seconds)
+            lines[key] = len(outcome.stdout.splitlines())
+            lingered[name].append(outcome.lingered)
+            cpu[key].append(outcome.cpu)
+            for problem in check(outcome, inv, template, xs):
+                if problem not in problems[key]:
+                    problems[key].append(problem)
     result: dict[str, Any] = {"count": count, "workloads": {}, "runner_lingered": lingered}
     for workload, template in WORKLOADS.items():
         table = []
@@ -499,11 +498,7 @@ def throughput_report(result: dict[str, Any]) -> list[dict[str, Any]]:
             "CPU per job: user + system time of the runner and all its jobs (`wait4`), min "
             f"of the repetitions, / jobs; with {CORES} cores, wall >= CPU / {CORES}.\n"
         )
-        print(
-            "| contender | wall (min) | median | per job | marginal per job | "
-            "1-job run | CPU per job | vs GNU parallel | stdout lines | check |"
-        )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        table = []
         for r in rows:
             per_job = r["min"] / count * 1e3
             one = r["one_job_min"]
@@ -513,12 +508,33 @@ def throughput_report(result: dict[str, Any]) -> list[dict[str, Any]]:
                 ratio = f"{r['min'] / ref['min']:.2f}x slower"
             if ref is r:
                 ratio = "1 (reference)"
-            print(
-                f"| {r['name']} | {r['min']:.3f} s | {r['median']:.3f} s | {per_job:.3f} ms | "
-                f"{marginal} | {f'{one * 1e3:.0f} ms' if one else '-'} | "
-                f"{min(r['cpu']) / count * 1e3:.3f} ms | {ratio} | "
-                f"{r['stdout_lines']:,} | {'; '.join(r['problems']) or 'ok'} |"
+            table.append(
+                [
+                    r["name"],
+                    f"{r['min']:.3f} s",
+                    f"{r['median']:.3f} s",
+                    f"{per_job:.3f} ms",
+                    marginal,
+                    f"{one * 1e3:.0f} ms" if one else "-",
+                    f"{min(r['cpu']) / count * 1e3:.3f} ms",
+                    ratio,
+                    f"{r['stdout_lines']:,}",
+                    "; ".join(r["problems"]) or "ok",
+                ]
             )
+        headers = [
+            "contender",
+            "wall (min)",
+            "median",
+            "per job",
+            "marginal per job",
+            "1-job run",
+            "CPU per job",
+            "vs GNU parallel",
+            "stdout lines",
+            "check",
+        ]
+        print(harness.markdown_table(headers, table, pad=False, align="lrrrrrrrrl"))
         if data["left_out"]:
             print(
                 f"\n({', '.join(data['left_out'])}: variants, timed with the `{first_template}` "
@@ -721,18 +737,28 @@ def timeout_report(rows: list[dict[str, Any]], jobs: int, count: int) -> list[di
         "sleep starts a few ms after its job's shell). Wall: the whole command; ideal = "
         "waves x limit. Left: live processes of the run after the runner exited.\n"
     )
-    print(
-        "| limit | tool | overshoot by the joblog | seen from outside | wall (ideal) | "
-        "exit, signal | left |"
-    )
-    print("| ---: | --- | ---: | ---: | ---: | --- | ---: |")
-    for r in rows:
-        codes = ", ".join(f"{e}/{s}" for e, s in r["exit_and_signal"]) or "-"
-        print(
-            f"| {r['limit']:g} s | {r['tool']} | {_fmt(r['overshoot_spread'])} | "
-            f"{_fmt(r['observed_spread'])} | {r['wall']:.2f} s ({r['ideal_wall']:.1f} s) | "
-            f"{codes} | {len(r['survivors'])} |"
-        )
+    table = [
+        [
+            f"{r['limit']:g} s",
+            r["tool"],
+            _fmt(r["overshoot_spread"]),
+            _fmt(r["observed_spread"]),
+            f"{r['wall']:.2f} s ({r['ideal_wall']:.1f} s)",
+            ", ".join(f"{e}/{s}" for e, s in r["exit_and_signal"]) or "-",
+            len(r["survivors"]),
+        ]
+        for r in rows
+    ]
+    headers = [
+        "limit",
+        "tool",
+        "overshoot by the joblog",
+        "seen from outside",
+        "wall (ideal)",
+        "exit, signal",
+        "left",
+    ]
+    print(harness.markdown_table(headers, table, pad=False, align="rlrrrlr"))
     print("\nCommands:\n")
     for r in rows:
         if r["limit"] == rows[0]["limit"]:
@@ -798,17 +824,30 @@ def orphans_report(rows: list[dict[str, Any]]) -> None:
         "the runner exited (or was SIGKILLed and reaped), and 0.5 s later; then killed. "
         "(A copy of the runner still exiting, fenfa's guard, is not counted at exit.)\n"
     )
-    print("| case | tool | wall | left at exit | all gone after | left 0.5 s later | command |")
-    print("| --- | --- | ---: | --- | ---: | --- | --- |")
+    table = []
     for r in rows:
-        at_exit = _names(r["left_at_exit"])
-        later = _names(r["left_after_half_a_second"] or [])
         gone = r["jobs_gone_after"]
-        gone_text = "never" if gone is None else f"{gone * 1e3:.0f} ms"
-        print(
-            f"| {r['case']} | {r['tool']} | {r['wall']:.2f} s | {at_exit} | {gone_text} | "
-            f"{later} | `{r['command']}` |"
+        table.append(
+            [
+                r["case"],
+                r["tool"],
+                f"{r['wall']:.2f} s",
+                _names(r["left_at_exit"]),
+                "never" if gone is None else f"{gone * 1e3:.0f} ms",
+                _names(r["left_after_half_a_second"] or []),
+                f"`{r['command']}`",
+            ]
         )
+    headers = [
+        "case",
+        "tool",
+        "wall",
+        "left at exit",
+        "all gone after",
+        "left 0.5 s later",
+        "command",
+    ]
+    print(harness.markdown_table(headers, table, pad=False, align="llrlrll"))
     print()
 
 
@@ -850,7 +889,7 @@ def machine_info(jobs: int) -> dict[str, Any]:
         "xargs": _first_line([XARGS, "--version"]),
         "sh": os.path.realpath("/bin/sh"),
         "fenfa_run_per_job": FENFA_DIRECT,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": harness.command(),
     }
 
 
@@ -872,16 +911,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = (0.2, 0.5) if args.quick else (0.2, 0.5, 1.0)
     timeout_jobs = args.jobs if args.quick else 3 * args.jobs
     machine = machine_info(args.jobs)
-    load_before = os.getloadavg()
+    load_before = harness.load()
     print("# fenfa run vs GNU parallel, xargs -P, ThreadPoolExecutor\n")
     print(f"Command: `{machine['command']}`\n")
     for key, value in machine.items():
         if key != "command":
             print(f"- {key}: {value}")
     print(f"- repetitions: {reps} (min reported), interleaved, order varied per repetition")
-    print(f"- load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
-    if load_before[0] > 1.5:
-        print("- WARNING: the machine was busy when this run started; ratios only")
+    print(f"- load average before: {harness.fmt_load(load_before)}")
+    if warning := harness.busy_warning(load_before):
+        print(f"- {warning}")
     print(flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_run-") as tmp:
         script = Path(tmp) / "tpe_jobs.py"
@@ -896,19 +935,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         orphans_report(orphan_rows)
         payload["timeouts"] = timeout_rows
         payload["orphans"] = orphan_rows
-    load_after = os.getloadavg()
+    load_after = harness.load()
     print(
-        f"Load average after: {' '.join(f'{x:.2f}' for x in load_after)} (this benchmark "
+        f"Load average after: {harness.fmt_load(load_after)} (this benchmark "
         f"keeps {args.jobs} jobs running: a 1-minute load near {args.jobs} is its own)\n"
     )
     print("## Goals (issue 9)\n")
     for v in verdicts:
-        print(f"- {'MET' if v['met'] else 'MISSED'}: {v['goal']} ({v['workload']}): {v['value']}")
+        print(f"- {harness.verdict(v['met'])}: {v['goal']} ({v['workload']}): {v['value']}")
     payload["verdicts"] = verdicts
     payload["load"] = {"before": load_before, "after": load_after}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2, default=repr))
+        harness.write_json(args.out, payload)
     return 0
 
 

@@ -16,16 +16,14 @@ uses the same seeds for both contenders, interleaved (shared/BENCHMARKING.md).
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 
 import fenfa
+import harness
 
 ALPHA = 2.0
 SCALE_SECONDS = 0.005
@@ -61,24 +59,30 @@ def one_call(backend: str, workers: int, tasks: int, seed: int, speculate: bool)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repetitions of 100 tasks")
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--tasks", type=int, default=200)
-    args = parser.parse_args()
+    args = harness.parser(__doc__, "3 repetitions of 100 tasks", reps=9, tasks=200).parse_args()
     reps, tasks = (3, 100) if args.quick else (args.reps, args.tasks)
+    load = harness.load()
     print(
-        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"load {os.getloadavg()[0]:.1f}; {tasks} tasks, Pareto(alpha={ALPHA}) x "
-        f"{SCALE_SECONDS * 1e3:g} ms, stalls of {STALL_SECONDS:g} s with chance "
-        f"{STALL_CHANCE:g}; {reps} repetitions"
+        harness.machine_line(
+            f"load {load[0]:.1f}; {tasks} tasks, Pareto(alpha={ALPHA}) x "
+            f"{SCALE_SECONDS * 1e3:g} ms, stalls of {STALL_SECONDS:g} s with chance "
+            f"{STALL_CHANCE:g}; {reps} repetitions",
+            prefix="machine: ",
+        )
     )
-    print("| backend, workers | without speculate (median, max) | with (median, max) | ratio |")
-    print("|---|---|---|---|")
+    if warning := harness.busy_warning(load):
+        print(warning)
+    print(
+        harness.markdown_table(
+            ["backend, workers", "without speculate (median, max)", "with (median, max)", "ratio"],
+            [],
+            pad=False,
+        )
+    )
     for backend, workers in (("thread", 8), ("process", 2)):
         times: dict[bool, list[float]] = {False: [], True: []}
-        for rep in range(reps):
-            for speculate in (rep % 2 == 0, rep % 2 == 1):  # alternate who goes first
+        for rep, order in enumerate(harness.orders(2, reps, stride=0)):
+            for speculate in ((True, False)[i] for i in order):  # alternate who goes first
                 times[speculate].append(one_call(backend, workers, tasks, rep, speculate))
         off, on = times[False], times[True]
         ratio = statistics.median(on) / statistics.median(off)
@@ -87,7 +91,7 @@ def main() -> None:
             f"| {statistics.median(on):.2f} s, {max(on):.2f} s | {ratio:.2f}x |",
             flush=True,
         )
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"command: {harness.command()}")
 
 
 if __name__ == "__main__":
