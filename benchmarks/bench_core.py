@@ -63,7 +63,6 @@ import json
 import multiprocessing
 import multiprocessing.pool
 import os
-import platform
 import resource
 import signal
 import statistics
@@ -108,11 +107,6 @@ def burn(n: int) -> int:
     for i in range(n):
         total += i * i % 7
     return total
-
-
-def whoami(_: Any) -> tuple[int, str]:
-    """The parent pid and ``__main__`` name of the worker that runs it."""
-    return os.getppid(), sys.modules["__main__"].__name__
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -214,33 +208,15 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-def observed_start_method(ppid: int, main_name: str) -> str:
-    """Infer a worker's start method from its parent and its ``__main__`` module."""
-    if ppid != os.getpid():
-        return "forkserver"  # the workers are children of the fork server
-    return "fork" if main_name == "__main__" else "spawn"
-
-
-def fenfa_start_method() -> str:
-    ppid, main_name = fenfa.map(whoami, [0], backend="process")[0]
-    return observed_start_method(ppid, main_name)
-
-
 def machine_info() -> dict[str, Any]:
     import joblib
 
-    return {
-        "usable_cores": CORES,
-        "os_cpu_count": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "fenfa": fenfa.__version__,
-        "fenfa_start_method": fenfa_start_method(),
-        "peer_start_method": PEER_START_METHOD,
-        "joblib": f"{joblib.__version__} (loky workers)",
-        "mpire": version("mpire"),
-        "loadavg_at_start": harness.fmt_load(harness.load()),
-    }
+    return harness.machine_info(
+        fenfa_start_method=harness.fenfa_start_method(),
+        peer_start_method=PEER_START_METHOD,
+        joblib=f"{joblib.__version__} (loky workers)",
+        mpire=version("mpire"),
+    )
 
 
 def machine_line(machine: dict[str, Any]) -> str:
@@ -268,19 +244,9 @@ class Contender:
 
 
 @dataclass
-class Result:
+class Result(harness.Samples):
     contender: Contender
-    samples: list[float] = field(default_factory=list)
     caller_cpu: list[float] = field(default_factory=list)  # CPU time of this process, per run
-    error: str | None = None
-
-    @property
-    def best(self) -> float:
-        return min(self.samples) if self.samples else float("nan")
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else float("nan")
 
     @property
     def best_cpu(self) -> float:
@@ -319,7 +285,7 @@ def open_contenders(stack: contextlib.ExitStack, tuned: Sequence[int]) -> list[C
     wpool = stack.enter_context(
         WorkerPool(n_jobs=CORES, start_method=PEER_START_METHOD, keep_alive=True)
     )
-    fstart = fenfa_start_method()
+    fstart = harness.fenfa_start_method()
     peer = PEER_START_METHOD
     return [
         Contender("serial builtin map", "-", "-", lambda fn, xs: list(map(fn, xs))),
@@ -422,9 +388,7 @@ def result_json(r: Result) -> dict[str, Any]:
         "name": c.name,
         "start_method": c.start,
         "chunksize": c.chunksize,
-        "min_s": r.best if r.samples else None,
-        "median_s": r.median if r.samples else None,
-        "samples_s": r.samples,
+        **r.times_json(),
         "caller_cpu_s": r.caller_cpu,
         "error": r.error,
     }
@@ -605,27 +569,24 @@ def workload_tiny(settings: Settings) -> dict[str, Any]:
         for name, sweep in sw.items()
     ]
     startup, startup_data = startup_table(settings)
-    text = "\n".join(
-        [
+    text = harness.section(
+        (
             f"{settings.tiny_n:,} tiny tasks on warm pools (each pool has run the function "
             f"once); min of {settings.tiny_reps} interleaved runs (PPE.map chunksize 1: "
             f"{SLOW_REPS}, it takes seconds); ratios to the best hand-tuned "
             "Pool.map (the chunksize with the lowest median; its min is shown). "
-            "Physical limit: serial builtin map (no dispatch beats no dispatch).",
-            "",
-            table,
-            "",
-            "Goals:",
-            *goals,
-            "",
-            "Tuned chunksizes tried:",
-            *(f"- {s}" for s in sweeps),
-            "",
-            f"Start-up plus first result, cold: one fresh interpreter per sample, min of "
-            f"{settings.child_reps}; ratio to {STARTUP_REFERENCE}.",
-            "",
-            startup,
-        ]
+            "Physical limit: serial builtin map (no dispatch beats no dispatch)."
+        ),
+        table,
+        goals,
+        "",
+        "Tuned chunksizes tried:",
+        *(f"- {s}" for s in sweeps),
+        "",
+        f"Start-up plus first result, cold: one fresh interpreter per sample, min of "
+        f"{settings.child_reps}; ratio to {STARTUP_REFERENCE}.",
+        "",
+        startup,
     )
     return {
         "text": text,
@@ -705,20 +666,17 @@ def workload_cpu(settings: Settings) -> dict[str, Any]:
         ],
         rows,
     )
-    text = "\n".join(
-        [
-            f"{settings.cpu_tasks} CPU-bound pure-Python tasks, burn(n) with n = {n:,} calibrated "
-            f"to {fmt_time(one_task)} per task serially; warm pools; min of {settings.cpu_reps} "
-            f"interleaved runs. Reference: serial. Physical limit: speedup = {CORES} "
-            "(usable cores).",
-            "",
-            table,
-            "",
-            "Goals:",
-            *goals,
-            "",
-            *(f"- {sweep_line(name, sweep)}" for name, sweep in sweeps.items()),
-        ]
+    text = harness.section(
+        (
+            f"{settings.cpu_tasks} CPU-bound pure-Python tasks, burn(n) with n = {n:,} "
+            f"calibrated to {fmt_time(one_task)} per task serially; warm pools; min of "
+            f"{settings.cpu_reps} interleaved runs. Reference: serial. Physical limit: "
+            f"speedup = {CORES} (usable cores)."
+        ),
+        table,
+        goals,
+        "",
+        *(f"- {sweep_line(name, sweep)}" for name, sweep in sweeps.items()),
     )
     return {
         "text": text,
@@ -835,7 +793,7 @@ def workload_memory(settings: Settings) -> dict[str, Any]:
         ok = [r["seconds"] for r in runs[(name, n)] if r["status"] == "ok"]
         return fmt_time(min(ok)) if ok else "-"
 
-    fstart = fenfa_start_method()
+    fstart = harness.fenfa_start_method()
     rows = [
         [
             name,
@@ -881,20 +839,17 @@ def workload_memory(settings: Settings) -> dict[str, Any]:
             {"goal": "fenfa.imap peak RSS growth <= 20 MB", "mb": worst, "met": worst <= 20},
             {"goal": "flat: growth(large) - growth(small) <= 5 MB", "mb": flat, "met": flat <= 5},
         ]
-    text = "\n".join(
-        [
+    text = harness.section(
+        (
             "Identity over a generator of N ints, consumer sleeping 1 ms every 10,000 results. "
             "Peak RSS growth (ru_maxrss) of the calling process after a 20,000-item warm-up "
             f"through the same pool; one fresh interpreter per contender, size and sample; "
             f"min of {settings.child_reps} (max in brackets); timeout "
             f"{settings.mem_timeout:.0f} s each. Reference: serial builtin map (the limit: "
-            "~0 MB; ratios to ~0 mean nothing, so the table shows megabytes).",
-            "",
-            table,
-            "",
-            "Goals:",
-            *goals,
-        ]
+            "~0 MB; ratios to ~0 mean nothing, so the table shows megabytes)."
+        ),
+        table,
+        goals,
     )
     return {
         "text": text,
@@ -975,7 +930,7 @@ def workload_reuse(settings: Settings) -> dict[str, Any]:
         name: min(statistics.median(c["per_call_s"][name]) for c in good) for name, _ in REUSE_ROWS
     }
     first = min(c["first_call_s"] for c in good)
-    fstart = fenfa_start_method()
+    fstart = harness.fenfa_start_method()
     ref = means[REUSE_REFERENCE]
     rows = [
         [
@@ -1017,17 +972,14 @@ def workload_reuse(settings: Settings) -> dict[str, Any]:
         f"than a fresh one): {verdict(met)}",
         f"- all outputs equal the serial answer: {all_ok}",
     ]
-    text = "\n".join(
-        [
+    text = harness.section(
+        (
             f"{settings.reuse_calls} consecutive calls on range(100) with x*x, in a fresh "
             f"interpreter per sample; per-call mean, min over {len(good)} samples. The first "
-            "module-level call includes starting the fork server and the pool.",
-            "",
-            table,
-            "",
-            "Goals:",
-            *goals,
-        ]
+            "module-level call includes starting the fork server and the pool."
+        ),
+        table,
+        goals,
     )
     return {
         "text": text,
@@ -1069,18 +1021,14 @@ def child_main(args: Sequence[str]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (< 1 min)")
-    parser.add_argument("--scale", type=int, default=1, help="multiply the sizes by K")
-    parser.add_argument(
-        "--only", action="append", choices=WORKLOADS, help="run only this workload (repeatable)"
+    parser = harness.workload_parser(
+        __doc__,
+        WORKLOADS,
+        quick="small sizes: a smoke run (< 1 min)",
+        scale="multiply the sizes by K",
     )
-    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.scale < 1:
-        parser.error("--scale must be >= 1")
-    return args
+    return harness.check_scale(parser, parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1093,16 +1041,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     harness.run_workloads(
         "fenfa core benchmarks",
         "benchmarks/bench_core.py",
-        {
-            name: functools.partial(WORKLOAD_FUNCS[name], settings)
-            for name in args.only or WORKLOADS
-        },
+        {name: functools.partial(func, settings) for name, func in WORKLOAD_FUNCS.items()},
+        args,
         machine=machine,
         machine_text=machine_line(machine),
         settings=settings,
-        quick=args.quick,
-        scale=args.scale,
-        out=args.out,
     )
 
 

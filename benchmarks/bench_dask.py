@@ -25,7 +25,6 @@ checked against the serial answer.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 from collections.abc import Callable
@@ -78,22 +77,17 @@ def measure(
 
 def table(title: str, times: dict[str, list[float]], limit: str) -> float:
     ref = min(times["client.map"])
-    print(f"\n### {title}\n")
-    print(f"Physical limit: {limit}\n")
     rows = [
         [name, f"{min(t) * 1e3:.1f} ms", f"{min(t) / ref:.2f}x", f"{ref / min(t):.2f}x"]
         for name, t in times.items()
     ]
     headers = ["contender", "min", "ratio to client.map", "speedup over client.map"]
-    print(harness.markdown_table(headers, rows, pad=False))
+    print(harness.titled_table(title, limit, headers, rows))
     return min(times["fenfa"]) / ref
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 repetitions, smaller inputs")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+    args = harness.parser(__doc__, "2 repetitions, smaller inputs", reps=5).parse_args()
     reps = 2 if args.quick else args.reps
     tiny = list(range(2_000 if args.quick else 10_000))
     cpu = list(range(40 if args.quick else 200))

@@ -29,7 +29,6 @@ output is checked against the first loky answer.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -143,8 +142,6 @@ def measure(work: Workload, reps: int) -> dict[str, list[float]]:
 
 def table(title: str, times: dict[str, list[float]], limit: str) -> float:
     ref = min(times["loky"])
-    print(f"\n### {title}\n")
-    print(f"Physical limit: {limit}\n")
     rows = [
         [
             name,
@@ -155,15 +152,12 @@ def table(title: str, times: dict[str, list[float]], limit: str) -> float:
         for name, samples in times.items()
     ]
     headers = ["contender", "min", "median", "min / loky's min"]
-    print(harness.markdown_table(headers, rows, pad=False))
+    print(harness.titled_table(title, limit, headers, rows))
     return min(times["fenfa"]) / ref
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 repetitions, smaller inputs")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+    args = harness.parser(__doc__, "2 repetitions, smaller inputs", reps=5).parse_args()
     reps = 2 if args.quick else args.reps
     load_before = harness.load()
     results = []

@@ -21,7 +21,6 @@ with tqdm's default refresh interval. Each call's output is checked.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import statistics
@@ -65,11 +64,7 @@ def relay_cost(inputs: list[int], want: list[int], reps: int) -> dict[str, list[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20k tasks, 3 repetitions")
-    parser.add_argument("--reps", type=int, default=25)
-    parser.add_argument("--tasks", type=int, default=200_000)
-    args = parser.parse_args()
+    args = harness.parser(__doc__, "20k tasks, 3 repetitions", reps=25, tasks=200_000).parse_args()
     tasks = 20_000 if args.quick else args.tasks
     reps = 3 if args.quick else args.reps
     inputs = list(range(tasks))

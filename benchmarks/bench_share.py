@@ -71,30 +71,29 @@ import contextlib
 import ctypes
 import functools
 import gc
-import json
 import math
 import multiprocessing
 import multiprocessing.pool
 import os
-import platform
-import shlex
 import shutil
 import socket
-import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import fenfa
+import harness
+from harness import fmt_time, markdown_table, verdict
 
-CORES = len(os.sched_getaffinity(0))
+# Ratios down to 0.01x are common here (fenfa's thread backend against copies).
+fmt_ratio = functools.partial(harness.fmt_ratio, fine=True)
+
+CORES = harness.CORES
 WORKLOADS = ("args", "results", "threshold", "native")
 PEER_START_METHOD = "forkserver"  # fenfa's default on Linux; the peers get the same
 NEVER_SHARE = 1 << 62  # AUTO_SHARE_BYTES that no array reaches
@@ -190,11 +189,6 @@ def thread_names() -> list[str]:
     return names
 
 
-def whoami(_: Any) -> tuple[int, str]:
-    """The parent pid and ``__main__`` name of the worker that runs it."""
-    return os.getppid(), sys.modules["__main__"].__name__
-
-
 # --- settings ---------------------------------------------------------------------------
 
 
@@ -237,48 +231,10 @@ class Settings:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def fmt_time(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
-
-
-def fmt_ratio(ratio: float) -> str:
-    if math.isnan(ratio):
-        return "-"
-    if ratio >= 10:
-        return f"{ratio:.1f}x"
-    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
-
-
 def fmt_bytes(n: float) -> str:
     if n >= MIB:
         return f"{n / MIB:g} MiB"
     return f"{n / KIB:g} KiB"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "MISSED"
-
-
-def loadavg() -> str:
-    """The 1-, 5- and 15-minute load averages: well above 0, other work shared the cores."""
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 @contextlib.contextmanager
@@ -388,14 +344,6 @@ class PeakMemory:
         return (self.shm_peak - self.shm_base) / 1e6
 
 
-def fenfa_start_method(workers: int) -> str:
-    """The start method of fenfa's process workers, inferred from a worker."""
-    ppid, main_name = fenfa.map(whoami, [0], backend="process", workers=workers)[0]
-    if ppid != os.getpid():
-        return "forkserver"  # the workers are children of the fork server
-    return "fork" if main_name == "__main__" else "spawn"
-
-
 def blas_info() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -413,23 +361,17 @@ def machine_info(settings: Settings) -> dict[str, Any]:
     import joblib
 
     shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
-    return {
-        "usable_cores": CORES,
-        "os_cpu_count": os.cpu_count(),
-        "workers": settings.workers,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "fenfa": fenfa.__version__,
-        "fenfa_start_method": fenfa_start_method(settings.workers),
-        "peer_start_method": PEER_START_METHOD,
-        "numpy": np.__version__,
-        "blas": blas_info(),
-        "joblib": joblib.__version__,
-        "mpire": version("mpire"),
-        "auto_share_bytes": auto_share_default(),
-        "dev_shm": f"{shm.total / 2**30:.1f} GiB" if shm else "none",
-        "loadavg_at_start": loadavg(),
-    }
+    return harness.machine_info(
+        workers=settings.workers,
+        fenfa_start_method=harness.fenfa_start_method(workers=settings.workers),
+        peer_start_method=PEER_START_METHOD,
+        numpy=np.__version__,
+        blas=blas_info(),
+        joblib=joblib.__version__,
+        mpire=version("mpire"),
+        auto_share_bytes=auto_share_default(),
+        dev_shm=f"{shm.total / 2**30:.1f} GiB" if shm else "none",
+    )
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -457,21 +399,11 @@ class Contender:
 
 
 @dataclass
-class Result:
+class Result(harness.Samples):
     contender: Contender
-    samples: list[float] = field(default_factory=list)
     rss_mb: float | None = None  # parent peak RSS growth, untimed run
     shm_mb: float | None = None  # /dev/shm peak growth, same run
     checked: int = 0  # timed outputs compared with the serial answer
-    error: str | None = None
-
-    @property
-    def best(self) -> float:
-        return min(self.samples) if self.samples else math.nan
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else math.nan
 
     def json(self) -> dict[str, Any]:
         c = self.contender
@@ -479,9 +411,7 @@ class Result:
             "name": c.name,
             "start_method": c.start,
             "note": c.note,
-            "min_s": self.best if self.samples else None,
-            "median_s": self.median if self.samples else None,
-            "samples_s": self.samples,
+            **self.times_json(),
             "parent_rss_growth_mb": self.rss_mb,
             "dev_shm_growth_mb": self.shm_mb,
             "outputs_checked": self.checked,
@@ -523,14 +453,6 @@ class ShareInside:
         handle, self._handle = self._handle, None
         if handle is not None:
             release(handle)
-
-
-def orders(n: int, reps: int) -> Iterator[list[int]]:
-    """Forwards, backwards, then rotated: nobody always runs after the same contender."""
-    for rep in range(reps):
-        order = list(range(n)) if rep % 2 == 0 else list(range(n))[::-1]
-        shift = (rep // 2) % n
-        yield order[shift:] + order[:shift]
 
 
 def describe(exc: BaseException) -> str:
@@ -575,7 +497,7 @@ def measure(
 
     for r in results:
         once(r, timed=False)
-    for order in orders(len(results), reps):
+    for order in harness.orders(len(results), reps):
         for i in order:
             if results[i].error is None:
                 once(results[i], timed=True)
@@ -604,6 +526,12 @@ def ratio_to(results: Sequence[Result], name: str) -> Callable[[Result], float]:
     ref = next((r for r in results if r.contender.name == name), None)
     ref_best = ref.best if ref is not None else math.nan
     return lambda r: r.best / ref_best if ref_best else math.nan
+
+
+def time_cells(r: Result, reference: str, ratio: Callable[[Result], float]) -> list[str]:
+    """A row's first cells: contender, start method, min, median, ratio to the reference."""
+    name = r.contender.name + (" (reference)" if r.contender.name == reference else "")
+    return [name, r.contender.start, fmt_time(r.best), fmt_time(r.median), fmt_ratio(ratio(r))]
 
 
 def find(results: Sequence[Result], name: str) -> Result:
@@ -787,11 +715,7 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
     ratio = ratio_to(results, ARGS_REFERENCE)
     rows = [
         [
-            r.contender.name + (" (reference)" if r.contender.name == ARGS_REFERENCE else ""),
-            r.contender.start,
-            fmt_time(r.best),
-            fmt_time(r.median),
-            fmt_ratio(ratio(r)),
+            *time_cells(r, ARGS_REFERENCE, ratio),
             "-" if r.rss_mb is None else f"{r.rss_mb:+.0f} MB",
             "-" if r.shm_mb is None else f"{r.shm_mb:+.0f} MB",
             r.contender.note,
@@ -834,8 +758,8 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
         f"- new /dev/shm entries left after the workload (joblib's excluded): "
         f"{', '.join(leftovers) if leftovers else 'none'}",
     ]
-    text = "\n".join(
-        [
+    text = harness.section(
+        (
             f"A {big.nbytes / 1e6:.0f} MB float64 array, {tasks} tasks each summing one slice of "
             f"{tasks}; {w} workers per pool; min of {settings.reps} interleaved runs (order varied "
             "per run). fenfa's pools, Pool.map's, the map-only rows' and joblib's are warm (their "
@@ -846,13 +770,10 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
             "handing free heap pages back with malloc_trim) and the peak growth of /dev/shm "
             "use (fenfa's segments and joblib's memmap dumps live there, outside any RSS). "
             "Physical limit: serial time / cores, plus getting the "
-            "data to the workers once.",
-            "",
-            table,
-            "",
-            "Goals:",
-            *goals,
-        ]
+            "data to the workers once."
+        ),
+        table,
+        goals,
     )
     return {
         "text": text,
@@ -983,11 +904,7 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
     thread_ratio = ratio_to(results, "fenfa.map backend='thread'")
     rows = [
         [
-            r.contender.name + (" (reference)" if r.contender.name == RESULTS_REFERENCE else ""),
-            r.contender.start,
-            fmt_time(r.best),
-            fmt_time(r.median),
-            fmt_ratio(ratio(r)),
+            *time_cells(r, RESULTS_REFERENCE, ratio),
             fmt_ratio(thread_ratio(r)),
             r.contender.note,
             r.error or f"ok ({r.checked}/{len(r.samples)})",
@@ -1305,20 +1222,14 @@ WORKLOAD_FUNCS: dict[str, Callable[[Settings, str], dict[str, Any]]] = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--scale", type=int, default=1, help="multiply the task counts by K")
+    parser = harness.workload_parser(
+        __doc__, WORKLOADS, quick="small sizes: a smoke run", scale="multiply the task counts by K"
+    )
     parser.add_argument("--reps", type=int, help="timed repetitions (default 5, --quick 3)")
     parser.add_argument(
         "--workers", type=int, help=f"workers per pool (default: usable cores, {CORES})"
     )
-    parser.add_argument(
-        "--only", action="append", choices=WORKLOADS, help="run only this workload (repeatable)"
-    )
-    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    if args.scale < 1:
-        parser.error("--scale must be >= 1")
+    args = harness.check_scale(parser, parser.parse_args(argv))
     if args.reps is not None and args.reps < 3:
         parser.error("--reps must be >= 3 (BENCHMARKING.md: min of 3+)")
     if args.workers is not None and args.workers < 1:
@@ -1329,45 +1240,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     settings = Settings.make(args.quick, args.scale, args.reps, args.workers)
-    command = shlex.join(["python", "benchmarks/bench_share.py", *sys.argv[1:]])
     machine = machine_info(settings)
-    smoke = " (--quick: a smoke run, not for RESULTS.md)" if args.quick else ""
-    print(f"# fenfa sharing benchmarks{smoke}\n")
-    print(f"Command: `{command}`\n\n{machine_line(machine)}\n", flush=True)
-    report: dict[str, Any] = {
-        "command": command,
-        "machine": machine,
-        "settings": settings.__dict__,
-        "workloads": {},
-    }
-    for name in args.only or WORKLOADS:
-        rerun = shlex.join(
-            [
-                "python",
-                "benchmarks/bench_share.py",
-                "--only",
-                name,
-                *(["--quick"] if args.quick else []),
-                *(["--scale", str(args.scale)] if args.scale != 1 else []),
-            ]
-        )
-        start = time.perf_counter()
-        load_before = loadavg()
-        result = WORKLOAD_FUNCS[name](settings, machine["fenfa_start_method"])
-        result["wall_s"] = time.perf_counter() - start
-        result["loadavg_before"], result["loadavg_after"] = load_before, loadavg()
-        report["workloads"][name] = result
-        print(f"## {name}\n\nCommand: `{command}` (this workload alone: `{rerun}`)\n")
-        print(result["text"])
-        print(
-            f"\n({name}: {result['wall_s']:.0f} s; load average before {load_before}, "
-            f"after {result['loadavg_after']})\n",
-            flush=True,
-        )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"JSON written to {args.out}")
+    fstart = machine["fenfa_start_method"]
+    harness.run_workloads(
+        "fenfa sharing benchmarks",
+        "benchmarks/bench_share.py",
+        {name: functools.partial(func, settings, fstart) for name, func in WORKLOAD_FUNCS.items()},
+        args,
+        machine=machine,
+        machine_text=machine_line(machine),
+        settings=settings,
+    )
 
 
 if __name__ == "__main__":

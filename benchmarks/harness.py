@@ -25,6 +25,7 @@ The method is ``shared/BENCHMARKING.md``'s:
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -140,6 +142,29 @@ def same_as_first() -> Callable[[Any, Any], None]:
         assert out == first[0], name
 
     return check
+
+
+@dataclass(kw_only=True)
+class Samples:
+    """The timed runs of one contender; a benchmark's result records extend it."""
+
+    samples: list[float] = field(default_factory=list)
+    error: str | None = None  # a contender that fails is reported, not fatal
+
+    @property
+    def best(self) -> float:
+        return best(self.samples)
+
+    @property
+    def median(self) -> float:
+        return median(self.samples)
+
+    def times_json(self) -> dict[str, Any]:
+        return {
+            "min_s": self.best if self.samples else None,
+            "median_s": self.median if self.samples else None,
+            "samples_s": self.samples,
+        }
 
 
 def best(samples: Sequence[float]) -> float:
@@ -252,8 +277,71 @@ def busy_warning(*loads: Sequence[float]) -> str | None:
     )
 
 
+def whoami(_: Any) -> tuple[int, str]:
+    """The parent pid and ``__main__`` name of the worker that runs it."""
+    return os.getppid(), sys.modules["__main__"].__name__
+
+
+def fenfa_start_method(**options: Any) -> str:
+    """The start method of fenfa's process workers, inferred from one of them.
+
+    A worker whose parent is not this process is a child of the fork server; a forked
+    one still has this script as ``__main__``, a spawned one imported it as
+    ``__mp_main__``.
+    """
+    import fenfa
+
+    ppid, main_name = fenfa.map(whoami, [0], backend="process", **options)[0]
+    if ppid != os.getpid():
+        return "forkserver"
+    return "fork" if main_name == "__main__" else "spawn"
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What a report records of the machine: cores, Python, platform, fenfa, the load."""
+    import fenfa
+
+    return {
+        "usable_cores": CORES,
+        "os_cpu_count": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "fenfa": fenfa.__version__,
+        **extra,
+        "loadavg_at_start": fmt_load(load()),
+    }
+
+
 def python_version() -> str:
     return platform.python_version()
+
+
+def parser(
+    doc: str | None, quick: str, reps: int | None = None, tasks: int | None = None
+) -> argparse.ArgumentParser:
+    """The command line the small benchmarks share: the docstring's first line as the
+    description, ``--quick`` (``quick``: what it runs), ``--reps N`` and ``--tasks N``
+    with their defaults when given."""
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    p.add_argument("--quick", action="store_true", help=quick)
+    if reps is not None:
+        p.add_argument("--reps", type=int, default=reps)
+    if tasks is not None:
+        p.add_argument("--tasks", type=int, default=tasks)
+    return p
+
+
+def section(intro: str, table: str, goals: Sequence[str], *tail: str) -> str:
+    """A workload's text: what was run, its table, its goals, and any notes after."""
+    return "\n".join([intro, "", table, "", "Goals:", *goals, *tail])
+
+
+def titled_table(
+    title: str, limit: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> str:
+    """A ``###`` heading, the physical limit and an unpadded table under it."""
+    table = markdown_table(headers, rows, pad=False)
+    return f"\n### {title}\n\nPhysical limit: {limit}\n\n{table}"
 
 
 def machine_line(*details: str, prefix: str = "- ") -> str:
@@ -300,24 +388,46 @@ def write_json(path: Path | str, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def workload_parser(
+    doc: str | None, workloads: Sequence[str], *, quick: str, scale: str
+) -> argparse.ArgumentParser:
+    """The command line of a benchmark of named workloads: ``--quick``, ``--scale K``,
+    ``--only NAME`` (repeatable), ``--out FILE.json``; check ``--scale`` with
+    ``check_scale`` once parsed."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--scale", type=int, default=1, help=scale)
+    p.add_argument(
+        "--only", action="append", choices=workloads, help="run only this workload (repeatable)"
+    )
+    p.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    return p
+
+
+def check_scale(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.scale < 1:
+        p.error("--scale must be >= 1")
+    return args
+
+
 def run_workloads(
     title: str,
     script: str,
     workloads: Mapping[str, Callable[[], dict[str, Any]]],
+    args: argparse.Namespace,
     *,
     machine: dict[str, Any],
     machine_text: str,
     settings: Any,
-    quick: bool,
-    scale: int,
-    out: Path | None,
 ) -> dict[str, Any]:
-    """Run named workloads one after the other, each printed as it ends, and the report.
+    """Run the workloads ``args.only`` names (all, by default), one after the other, each
+    printed as it ends; with ``args.out``, the whole report is written there as JSON.
 
     Each workload returns a dict with its ``text`` (printed) and its raw results; it
-    gets its wall time and the load average before and after it, and a command that
-    runs it alone. With ``out``, the whole report is written there as JSON.
+    gets its wall time, the load average before and after it, and a command that runs
+    it alone (``args.quick`` and ``args.scale`` carried over).
     """
+    quick, scale, out = args.quick, args.scale, args.out
     cmd = command(script)
     smoke = " (--quick: a smoke run, not for RESULTS.md)" if quick else ""
     print(f"# {title}{smoke}\n")
@@ -330,7 +440,8 @@ def run_workloads(
         "settings": settings.__dict__,
         "workloads": {},
     }
-    for name, run in workloads.items():
+    for name in args.only or workloads:
+        run = workloads[name]
         alone = [
             "python",
             script,
