@@ -3,8 +3,10 @@
 Run from the repository root (the ``bench`` extra brings joblib and mpire; pebble
 and loky are installed next to it)::
 
-    python benchmarks/bench_faults.py [--only ROW[,ROW]] [--contender NAME[,NAME]]
+    python benchmarks/bench_faults.py [--quick] [--only ROW[,ROW]] [--contender NAME[,NAME]]
                                       [--timeout S] [--out FILE.json]
+
+(``--quick``: rows 1, 7 and 12 only, a smoke run; ``--only`` overrides it.)
 
 Why: the classic process pools fail badly on faults that are routine in real
 work - a worker killed by the OOM killer, a C extension calling ``exit``, a
@@ -79,6 +81,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+import harness
 
 BAD = 7  # index of the faulty task in every row
 N_CRASH = 20  # tasks in the maps of rows 1 and 2
@@ -854,12 +858,14 @@ def report(
     lines = [
         "Command: `python " + " ".join(shlex.quote(a) for a in argv) + "`",
         "",
-        f"Machine: {len(os.sched_getaffinity(0))} usable cores, Python "
-        f"{platform.python_version()}, {platform.system()} {platform.release()}; "
-        f"{_versions()} (commit {_commit()}). Whole run: {elapsed:.0f} s; load average (1 min) "
-        f"{load[0]:.2f} "
-        f"before, {load[1]:.2f} after.",
+        harness.machine_line(
+            f"{platform.system()} {platform.release()}; {_versions()} (commit {_commit()}). "
+            f"Whole run: {elapsed:.0f} s; load average (1 min) {load[0]:.2f} before, "
+            f"{load[1]:.2f} after.",
+            prefix="Machine: ",
+        ),
         "",
+        *([f"{warning}.", ""] if (warning := harness.busy_warning([max(load)])) else []),
         "Contenders (start method): "
         + "; ".join(
             f"**{c.name}** {c.api} ({c.start_method})"
@@ -868,14 +874,14 @@ def report(
         )
         + ".",
         "",
-        "| scenario | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        harness.markdown_table(
+            ["scenario", *names],
+            [[ROWS[row], *(cells.get((row, n), "") for n in names)] for row in rows],
+            pad=False,
+        ),
+        "",
+        LEGEND,
     ]
-    for row in rows:
-        lines.append(
-            f"| {ROWS[row]} | " + " | ".join(cells.get((row, n), "") for n in names) + " |"
-        )
-    lines += ["", LEGEND]
     messages = list(fenfa_messages(results))
     if messages:
         lines += ["", "fenfa's error messages (the faulty task's outcome):", "", *messages]
@@ -892,12 +898,15 @@ def main() -> None:
         "--timeout", type=float, default=20.0, help="hard limit per cell, in seconds (default 20)"
     )
     parser.add_argument("--out", help="write every cell's raw record to this JSON file")
+    parser.add_argument(
+        "--quick", action="store_true", help="rows 1, 7 and 12 only: a smoke run (--only wins)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("ROW", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    rows = args.only.split(",") if args.only else list(ROWS)
+    rows = args.only.split(",") if args.only else ["1", "7", "12"] if args.quick else list(ROWS)
     names = args.contender.split(",") if args.contender else list(CONTENDERS)
     for key, known in ((rows, ROWS), (names, CONTENDERS)):
         unknown = [k for k in key if k not in known]
@@ -905,7 +914,7 @@ def main() -> None:
             parser.error(f"unknown: {', '.join(unknown)}")
     results = []
     start = time.time()
-    load_before = os.getloadavg()[0]
+    load_before = harness.load()[0]
     with tempfile.TemporaryDirectory(prefix="fenfa-faults-") as root:
         for row in rows:
             for name in names:
@@ -917,8 +926,8 @@ def main() -> None:
                 )
                 results.append(res)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-    load = (load_before, os.getloadavg()[0])
+        harness.write_json(args.out, results)
+    load = (load_before, harness.load()[0])
     argv = ["benchmarks/bench_faults.py", *sys.argv[1:]]
     print(report(results, argv, time.time() - start, load))
 
