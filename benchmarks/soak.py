@@ -910,8 +910,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    report = Report()
     run = Path(tempfile.mkdtemp(prefix="fenfa-soak-"))
+    try:
+        return soak_in(run, args)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def soak_in(run: Path, args: argparse.Namespace) -> int:
+    report = Report()
     (run / "logs").mkdir()
     started = time.monotonic()
     cores = len(os.sched_getaffinity(0))
@@ -963,7 +970,6 @@ def main(argv: list[str] | None = None) -> int:
     report.rss_end_mb = rss_mb()
     report.rss_trimmed_mb = rss_mb(trim=True)
     finish()
-    shutil.rmtree(run, ignore_errors=True)
     return 1 if report.failed else 0
 
 
