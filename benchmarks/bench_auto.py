@@ -351,14 +351,9 @@ def workload_report(result: dict[str, Any]) -> str:
                 "ok" if row["correct"] else "WRONG",
             ]
         )
-    headers = [
-        "backend",
-        "wall (min)",
-        f"vs best fixed ({result['best_fixed']})",
-        "median",
-        "runs",
-        "result",
-    ]
+    headers = (
+        f"backend | wall (min) | vs best fixed ({result['best_fixed']}) | median | runs | result"
+    )
     lines.append(harness.markdown_table(headers, table, pad=False))
     lines.append("")
     lines.append(f"Physical limit: {result['limit']}.")
@@ -391,15 +386,9 @@ def summary_report(results: list[dict[str, Any]]) -> str:
         reason = (r["decisions"] or [r["warm_decision"]])[-1].get("reason", "-")
         ratios = [f"{r['auto_ratio']:.2f}x", f"{r['auto_median_ratio']:.2f}x"]
         table.append([r["name"], r["best_fixed"], choice, *ratios, goal, reason])
-    headers = [
-        "workload",
-        "best fixed",
-        "auto chose",
-        "auto / best (min)",
-        "(median)",
-        "goal",
-        "auto's reason",
-    ]
+    headers = (
+        "workload | best fixed | auto chose | auto / best (min) | (median) | goal | auto's reason"
+    )
     return harness.markdown_table(headers, table, pad=False)
 
 

@@ -509,20 +509,10 @@ def workload_tiny(settings: Settings) -> dict[str, Any]:
         cells.append("; ".join(str(e) for e in errors))
         rows.append(cells)
     table = markdown_table(
-        [
-            "contender",
-            "start method",
-            "chunksize",
-            "identity: min",
-            "vs ref",
-            "median",
-            "caller CPU",
-            "x*x: min",
-            "vs ref",
-            "median",
-            "caller CPU",
-            "error",
-        ],
+        (
+            "contender | start method | chunksize | identity: min | vs ref | median | "
+            "caller CPU | x*x: min | vs ref | median | caller CPU | error"
+        ),
         rows,
     )
 
@@ -654,16 +644,10 @@ def workload_cpu(settings: Settings) -> dict[str, Any]:
                 }
             )
     table = markdown_table(
-        [
-            "contender",
-            "start method",
-            "chunksize",
-            "time",
-            "speedup",
-            "speedup / cores",
-            "caller CPU",
-            "error",
-        ],
+        (
+            "contender | start method | chunksize | time | speedup | speedup / cores | "
+            "caller CPU | error"
+        ),
         rows,
     )
     text = harness.section(
@@ -807,15 +791,10 @@ def workload_memory(settings: Settings) -> dict[str, Any]:
         for name in MEMORY_CONTENDERS
     ]
     table = markdown_table(
-        [
-            "contender",
-            "start method",
-            f"RSS growth, N={small:,}",
-            f"N={large:,}",
-            f"time, N={small:,}",
-            f"N={large:,}",
-            "note",
-        ],
+        (
+            f"contender | start method | RSS growth, N={small:,} | N={large:,} | "
+            f"time, N={small:,} | N={large:,} | note"
+        ),
         rows,
     )
     goals, goal_data = [], []
@@ -953,13 +932,10 @@ def workload_reuse(settings: Settings) -> dict[str, Any]:
             ]
         )
     table = markdown_table(
-        [
-            "variant",
-            "start method",
-            f"per call (mean of {settings.reuse_calls})",
-            "median call",
-            "vs reference",
-        ],
+        (
+            f"variant | start method | per call (mean of {settings.reuse_calls}) | median call | "
+            f"vs reference"
+        ),
         rows,
     )
     module = means["fenfa.map module-level, warm"]

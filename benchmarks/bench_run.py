@@ -522,18 +522,10 @@ def throughput_report(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "; ".join(r["problems"]) or "ok",
                 ]
             )
-        headers = [
-            "contender",
-            "wall (min)",
-            "median",
-            "per job",
-            "marginal per job",
-            "1-job run",
-            "CPU per job",
-            "vs GNU parallel",
-            "stdout lines",
-            "check",
-        ]
+        headers = (
+            "contender | wall (min) | median | per job | marginal per job | 1-job run | "
+            "CPU per job | vs GNU parallel | stdout lines | check"
+        )
         print(harness.markdown_table(headers, table, pad=False, align="lrrrrrrrrl"))
         if data["left_out"]:
             print(
@@ -749,15 +741,10 @@ def timeout_report(rows: list[dict[str, Any]], jobs: int, count: int) -> list[di
         ]
         for r in rows
     ]
-    headers = [
-        "limit",
-        "tool",
-        "overshoot by the joblog",
-        "seen from outside",
-        "wall (ideal)",
-        "exit, signal",
-        "left",
-    ]
+    headers = (
+        "limit | tool | overshoot by the joblog | seen from outside | wall (ideal) | "
+        "exit, signal | left"
+    )
     print(harness.markdown_table(headers, table, pad=False, align="rlrrrlr"))
     print("\nCommands:\n")
     for r in rows:
@@ -838,15 +825,7 @@ def orphans_report(rows: list[dict[str, Any]]) -> None:
                 f"`{r['command']}`",
             ]
         )
-    headers = [
-        "case",
-        "tool",
-        "wall",
-        "left at exit",
-        "all gone after",
-        "left 0.5 s later",
-        "command",
-    ]
+    headers = "case | tool | wall | left at exit | all gone after | left 0.5 s later | command"
     print(harness.markdown_table(headers, table, pad=False, align="llrlrll"))
     print()
 

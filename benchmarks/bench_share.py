@@ -724,17 +724,10 @@ def workload_args(settings: Settings, fstart: str) -> dict[str, Any]:
         for r in results
     ]
     table = markdown_table(
-        [
-            "contender",
-            "start method",
-            "wall (min)",
-            "median",
-            "vs reference",
-            "parent peak RSS growth",
-            "/dev/shm peak growth",
-            "note",
-            "result",
-        ],
+        (
+            "contender | start method | wall (min) | median | vs reference | "
+            "parent peak RSS growth | /dev/shm peak growth | note | result"
+        ),
         rows,
     )
     plain = find(results, ARGS_PLAIN).best
@@ -912,16 +905,10 @@ def workload_results(settings: Settings, fstart: str) -> dict[str, Any]:
         for r in results
     ]
     table = markdown_table(
-        [
-            "contender",
-            "start method",
-            "wall (min)",
-            "median",
-            "vs Pool.map",
-            "vs fenfa thread",
-            "note",
-            "result",
-        ],
+        (
+            "contender | start method | wall (min) | median | vs Pool.map | vs fenfa thread | "
+            "note | result"
+        ),
         rows,
     )
     fp = find(results, "fenfa.map backend='process'")
@@ -1020,16 +1007,10 @@ def workload_threshold(settings: Settings, fstart: str) -> dict[str, Any]:
             ]
         )
     table = markdown_table(
-        [
-            "array size",
-            "always share (min)",
-            "median",
-            "never share (min)",
-            "median",
-            "share / never",
-            "faster",
-            "result",
-        ],
+        (
+            "array size | always share (min) | median | never share (min) | median | "
+            "share / never | faster | result"
+        ),
         rows,
     )
     # The smallest size from which sharing wins, beyond a tie, at this size and every
@@ -1173,15 +1154,10 @@ def workload_native(settings: Settings, fstart: str) -> dict[str, Any]:
             [f"fenfa.Pool(process, native_threads={label})", "-", "-", "-", "-", "-", error]
         )
     table = markdown_table(
-        [
-            "contender",
-            "wall (min)",
-            "median",
-            "vs uncapped",
-            "speedup over serial",
-            "each worker: threads, native pools, env",
-            "result",
-        ],
+        (
+            "contender | wall (min) | median | vs uncapped | speedup over serial | "
+            "each worker: threads, native pools, env | result"
+        ),
         rows,
     )
     text = "\n".join(

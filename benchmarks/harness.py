@@ -1,8 +1,8 @@
-"""What every benchmark here shares: the clock, the order of runs, the tables, the machine.
+"""What every benchmark here shares: the order of runs, the clock, the tables, the machine.
 
-A benchmark file holds only its workloads and its contenders; it imports this
-module (``python benchmarks/bench_X.py`` puts ``benchmarks/`` first on
-``sys.path``, so ``import harness`` works without installing anything).
+A benchmark file holds its workloads and its contenders; it imports this module
+(``python benchmarks/bench_X.py`` puts ``benchmarks/`` first on ``sys.path``, so
+``import harness`` works without installing anything, in the workers too).
 
 The method is ``shared/BENCHMARKING.md``'s:
 
@@ -12,15 +12,15 @@ The method is ``shared/BENCHMARKING.md``'s:
   contender alike and nobody always runs after the same neighbour;
 - ``timed`` / ``timed_cpu``: garbage is collected before the clock starts, not
   during the timed call;
-- ``repeat``: warm every contender once (checked), then time interleaved
-  repetitions, checking every output;
-- ``best`` / ``median``: the minimum is the least-disturbed run, reported with
-  the median beside it;
+- ``repeat``: every contender warmed once (its output checked), then timed in
+  interleaved repetitions, every output checked; ``Samples``: the minimum (the
+  least-disturbed run) and the median of a contender's runs;
 - ``load`` / ``busy_warning``: the load average against the usable cores. On a
-  shared 2-core machine other work inflates every time by 2-3x; a run that
-  started or ended busy says so in its output, and then only its ratios count.
-- ``machine_line`` / ``load_line``: cores, Python, load, written at the top of
-  each report; ``write_json``: the raw results.
+  shared 2-core machine other work inflates times 2-3x; a run that started or
+  ended busy says so in its output, and then only its ratios count;
+- ``markdown_table``, ``machine_line`` (cores, Python), ``load_line``,
+  ``run_workloads`` (named workloads, each printed as it ends) and
+  ``write_json`` (the raw results).
 """
 
 from __future__ import annotations
@@ -54,22 +54,26 @@ BUSY_SHARE = 0.75
 # --- the order of runs and the clock ----------------------------------------------------
 
 
-def orders(n: int, reps: int, *, stride: int | None = None) -> Iterator[list[int]]:
-    """Indexes 0..n-1 once per repetition: forwards, backwards, then rotated.
+def orders(
+    n: int, reps: int, *, stride: int | None = None, turn: bool = True
+) -> Iterator[list[int]]:
+    """Indexes 0..n-1 once per repetition: forwards, backwards (``turn``), rotated.
 
     The rotation is by ``rep // 2`` (each direction meets each start once), or by
     ``rep * stride`` where a benchmark's figures were measured that way (``stride=0``:
     plain alternation, forwards and backwards).
     """
     for rep in range(reps):
-        order = list(range(n)) if rep % 2 == 0 else list(range(n))[::-1]
+        order = list(range(n))[::-1] if turn and rep % 2 else list(range(n))
         shift = (rep * stride if stride is not None else rep // 2) % max(n, 1)
         yield order[shift:] + order[:shift]
 
 
-def interleave(items: Sequence[T], reps: int, *, stride: int | None = None) -> Iterator[T]:
+def interleave(
+    items: Sequence[T], reps: int, *, stride: int | None = None, turn: bool = True
+) -> Iterator[T]:
     """Every item once per repetition, in ``orders``' varied order."""
-    for order in orders(len(items), reps, stride=stride):
+    for order in orders(len(items), reps, stride=stride, turn=turn):
         for i in order:
             yield items[i]
 
@@ -99,21 +103,19 @@ def repeat(
     reps: int,
     check: Callable[[K, Any], None] | None = None,
     *,
-    warm: bool = True,
     stride: int | None = None,
 ) -> dict[K, list[float]]:
     """Wall times of ``reps`` interleaved runs of each contender, by name.
 
-    Each contender runs once untimed first (``warm``: pools started, the function on
-    every worker); ``stride`` is ``orders``'. ``check(name, output)`` sees every
-    output, the warm-up's too, and raises on a wrong one.
+    Each contender runs once untimed first (warm: pools started, the function on every
+    worker); ``stride`` is ``orders``'. ``check(name, output)`` sees every output, the
+    warm-up's too, and raises on a wrong one.
     """
     names = list(contenders)
-    if warm:
-        for name in names:
-            out = contenders[name]()
-            if check is not None:
-                check(name, out)
+    for name in names:
+        out = contenders[name]()
+        if check is not None:
+            check(name, out)
     times: dict[K, list[float]] = {name: [] for name in names}
     for name in interleave(names, reps, stride=stride):
         seconds, out = timed(contenders[name])
@@ -153,11 +155,11 @@ class Samples:
 
     @property
     def best(self) -> float:
-        return best(self.samples)
+        return min(self.samples) if self.samples else math.nan
 
     @property
     def median(self) -> float:
-        return median(self.samples)
+        return statistics.median(self.samples) if self.samples else math.nan
 
     def times_json(self) -> dict[str, Any]:
         return {
@@ -165,15 +167,6 @@ class Samples:
             "median_s": self.median if self.samples else None,
             "samples_s": self.samples,
         }
-
-
-def best(samples: Sequence[float]) -> float:
-    """The least-disturbed run; NaN without samples."""
-    return min(samples) if samples else math.nan
-
-
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples) if samples else math.nan
 
 
 def spin_loops(seconds: float, *, enough: float, env: str = "FENFA_BENCH_SPIN_LOOPS") -> int:
@@ -228,7 +221,7 @@ def verdict(met: bool) -> str:
 
 
 def markdown_table(
-    headers: Sequence[str],
+    headers: Sequence[str] | str,
     rows: Sequence[Sequence[Any]],
     *,
     pad: bool = True,
@@ -236,9 +229,12 @@ def markdown_table(
 ) -> str:
     """A markdown table; ``pad`` lines the columns up for a terminal.
 
-    ``align``, one letter a column, ``l`` or ``r``, right-aligns the ``r`` columns in
-    the markdown (``---:``). Unpadded tables are written as ``| --- |``.
+    ``headers`` may be one string, ``"a | b | c"``. ``align``, one letter a column,
+    ``l`` or ``r``, right-aligns the ``r`` columns in the markdown (``---:``).
+    Unpadded tables are written as ``| --- |``.
     """
+    if isinstance(headers, str):
+        headers = [h.strip() for h in headers.split("|")]
     cells = [[str(c) for c in row] for row in rows]
     right = [a == "r" for a in (align or "l" * len(headers))]
     if not pad:
@@ -252,6 +248,19 @@ def markdown_table(
     ends = [":" if r else "-" for r in right]
     rule = "|" + "|".join("-" * (w + 1) + e for w, e in zip(widths, ends, strict=True)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+def titled_table(
+    title: str, limit: str, headers: Sequence[str] | str, rows: Sequence[Sequence[Any]]
+) -> str:
+    """A ``###`` heading, the physical limit and an unpadded table under it."""
+    table = markdown_table(headers, rows, pad=False)
+    return f"\n### {title}\n\nPhysical limit: {limit}\n\n{table}"
+
+
+def section(intro: str, table: str, goals: Sequence[str], *tail: str) -> str:
+    """A workload's text: what was run, its table, its goals, and any notes after."""
+    return "\n".join([intro, "", table, "", "Goals:", *goals, *tail])
 
 
 # --- the machine ------------------------------------------------------------------------
@@ -277,6 +286,35 @@ def busy_warning(*loads: Sequence[float]) -> str | None:
     )
 
 
+def machine_line(*details: str, prefix: str = "- ") -> str:
+    """``- N usable cores, Python X.Y.Z, <details>``: the line at the top of a report."""
+    return f"{prefix}{CORES} usable cores, Python {platform.python_version()}" + "".join(
+        f", {d}" for d in details
+    )
+
+
+def load_line(before: Sequence[float], after: Sequence[float], tail: str = "") -> str:
+    """``- load average before X, after Y``, and a warning line when the machine was busy."""
+    text = f"- load average before {before[0]:.2f}, after {after[0]:.2f}{tail}"
+    warning = busy_warning(before, after)
+    return text if warning is None else f"{text}\n- {warning}"
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What a report records of the machine: cores, Python, platform, fenfa, the load."""
+    import fenfa
+
+    return {
+        "usable_cores": CORES,
+        "os_cpu_count": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "fenfa": fenfa.__version__,
+        **extra,
+        "loadavg_at_start": fmt_load(load()),
+    }
+
+
 def whoami(_: Any) -> tuple[int, str]:
     """The parent pid and ``__main__`` name of the worker that runs it."""
     return os.getppid(), sys.modules["__main__"].__name__
@@ -297,23 +335,30 @@ def fenfa_start_method(**options: Any) -> str:
     return "fork" if main_name == "__main__" else "spawn"
 
 
-def machine_info(**extra: Any) -> dict[str, Any]:
-    """What a report records of the machine: cores, Python, platform, fenfa, the load."""
-    import fenfa
-
-    return {
-        "usable_cores": CORES,
-        "os_cpu_count": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "fenfa": fenfa.__version__,
-        **extra,
-        "loadavg_at_start": fmt_load(load()),
-    }
+def git_commit() -> str:
+    """The checkout's commit, short, or ``?`` outside one."""
+    args = ["git", "rev-parse", "--short", "HEAD"]
+    try:
+        out = subprocess.run(
+            args, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return out.stdout.strip()
 
 
-def python_version() -> str:
-    return platform.python_version()
+# --- command lines and reports ----------------------------------------------------------
+
+
+def command(script: str | None = None) -> str:
+    """The command line that ran this benchmark, as a reader would type it again.
+
+    With ``script``, ``python SCRIPT ARGS...``; without, the interpreter's name and
+    ``sys.argv`` as given.
+    """
+    if script is not None:
+        return shlex.join(["python", script, *sys.argv[1:]])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
 def parser(
@@ -329,63 +374,6 @@ def parser(
     if tasks is not None:
         p.add_argument("--tasks", type=int, default=tasks)
     return p
-
-
-def section(intro: str, table: str, goals: Sequence[str], *tail: str) -> str:
-    """A workload's text: what was run, its table, its goals, and any notes after."""
-    return "\n".join([intro, "", table, "", "Goals:", *goals, *tail])
-
-
-def titled_table(
-    title: str, limit: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]
-) -> str:
-    """A ``###`` heading, the physical limit and an unpadded table under it."""
-    table = markdown_table(headers, rows, pad=False)
-    return f"\n### {title}\n\nPhysical limit: {limit}\n\n{table}"
-
-
-def machine_line(*details: str, prefix: str = "- ") -> str:
-    """``- N usable cores, Python X.Y.Z, <details>``: the line at the top of a report."""
-    return f"{prefix}{CORES} usable cores, Python {python_version()}" + "".join(
-        f", {d}" for d in details
-    )
-
-
-def load_line(before: Sequence[float], after: Sequence[float], tail: str = "") -> str:
-    """``- load average before X, after Y``, and a warning line when the machine was busy."""
-    text = f"- load average before {before[0]:.2f}, after {after[0]:.2f}{tail}"
-    warning = busy_warning(before, after)
-    return text if warning is None else f"{text}\n- {warning}"
-
-
-def command(script: str | None = None) -> str:
-    """The command line that ran this benchmark, as a reader would type it again.
-
-    With ``script``, ``python SCRIPT ARGS...``; without, the interpreter's name and
-    ``sys.argv`` as given.
-    """
-    if script is not None:
-        return shlex.join(["python", script, *sys.argv[1:]])
-    return shlex.join([Path(sys.executable).name, *sys.argv])
-
-
-def git_commit(short: bool = True) -> str:
-    """The checkout's commit, ``?`` outside one."""
-    args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
-    try:
-        out = subprocess.run(
-            args, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-    return out.stdout.strip()
-
-
-def write_json(path: Path | str, payload: Any) -> None:
-    """The raw results, for a later look; what JSON cannot hold is written as ``str``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def workload_parser(
@@ -408,6 +396,13 @@ def check_scale(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
     if args.scale < 1:
         p.error("--scale must be >= 1")
     return args
+
+
+def write_json(path: Path | str, payload: Any) -> None:
+    """The raw results, for a later look; what JSON cannot hold is written as ``str``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def run_workloads(
