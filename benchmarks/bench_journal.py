@@ -24,20 +24,15 @@ temporary directory (here on the same disk as the repository).
 
 from __future__ import annotations
 
-import argparse
-import gc
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import fenfa
+import harness
 
 GOALS = {"tiny": 1.30, "10 ms": 1.02}
 BACKENDS = ("process", "thread")
@@ -53,17 +48,14 @@ def nap(x: int) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20k tiny, 100 x 10 ms, 3 reps")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+    args = harness.parser(__doc__, "20k tiny, 100 x 10 ms, 3 reps", reps=5).parse_args()
     reps = 3 if args.quick else args.reps
     workloads: dict[str, tuple[Callable[[int], int], list[int]]] = {
         "tiny": (square, list(range(20_000 if args.quick else 200_000))),
         "10 ms": (nap, list(range(100 if args.quick else 1_000))),
     }
     variants = ("plain", "journal", "journal, fsync every", "rerun, all stored")
-    load_before = os.getloadavg()
+    load_before = harness.load()
     times: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as directory:
         counter = iter(range(10**9))
@@ -77,10 +69,7 @@ def main() -> int:
                     options["journal_fsync"] = "every"
             elif variant.startswith("rerun"):
                 options["journal"] = os.path.join(directory, f"complete-{workload}-{pool.backend}")
-            gc.collect()
-            start = time.perf_counter()
-            out = pool.map(fn, xs, **options)
-            elapsed = time.perf_counter() - start
+            elapsed, out = harness.timed(lambda: pool.map(fn, xs, **options))
             assert out == [fn(x) if fn is square else x for x in xs]
             if variant.startswith("journal"):
                 os.unlink(options["journal"])
@@ -92,26 +81,19 @@ def main() -> int:
             for backend, workload, variant in contenders:  # warm; fill the complete journals
                 call(pools[backend], workload, variant)
                 times[(backend, workload, variant)] = []
-            for rep in range(reps):
-                order = contenders if rep % 2 == 0 else contenders[::-1]
-                shift = (rep // 2) % len(order)
-                for backend, workload, variant in order[shift:] + order[:shift]:
-                    seconds = call(pools[backend], workload, variant)
-                    times[(backend, workload, variant)].append(seconds)
+            for backend, workload, variant in harness.interleave(contenders, reps):
+                seconds = call(pools[backend], workload, variant)
+                times[(backend, workload, variant)].append(seconds)
         finally:
             for pool in pools.values():
                 pool.shutdown()
-    load_after = os.getloadavg()
+    load_after = harness.load()
     print("# What journal= costs\n")
-    print(f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`\n")
-    print(
-        f"- {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}, "
-        f"2 workers; min (median) of {reps} interleaved repetitions"
-    )
-    print(f"- load average before {load_before[0]:.2f}, after {load_after[0]:.2f}\n")
-    print("| backend | workload | " + " | ".join(variants) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in variants) + " |")
+    print(f"Command: `{harness.command()}`\n")
+    print(harness.machine_line(f"2 workers; min (median) of {reps} interleaved repetitions"))
+    print(harness.load_line(load_before, load_after) + "\n")
     verdicts = []
+    rows = []
     for backend in BACKENDS:
         for workload, (_, xs) in workloads.items():
             base = times[(backend, workload, "plain")]
@@ -123,7 +105,8 @@ def main() -> int:
                 cells.append(f"{min(got) * 1e3:.0f} ms: {ratio:.2f}x ({median:.2f}x)")
                 if variant == "journal":
                     verdicts.append((backend, workload, ratio))
-            print(f"| {backend} | {len(xs):,} {workload} | " + " | ".join(cells) + " |")
+            rows.append([backend, f"{len(xs):,} {workload}", *cells])
+    print(harness.markdown_table(["backend", "workload", *variants], rows, pad=False))
     print()
     for backend, workload, ratio in verdicts:
         goal = GOALS[workload]

@@ -17,15 +17,14 @@ interleaved round-robin so that a busy moment hits every contender alike
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import functools
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import harness
 
 SCRIPTS = {
     "fenfa (default: forkserver)": """
@@ -71,19 +70,12 @@ IMPORTS = {
 }
 
 
-def wall(argv: list[str], cwd: str) -> float:
-    started = time.perf_counter()
-    subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
-    return time.perf_counter() - started
-
-
 def interleaved(contenders: dict[str, list[str]], samples: int, cwd: str) -> dict[str, list[float]]:
+    """Wall times of whole processes, rotated one place a round (no warm-up: cold is the point)."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_ in range(samples):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(wall(contenders[name], cwd))
+    for name in harness.interleave(list(contenders), samples, stride=1, turn=False):
+        run = functools.partial(subprocess.run, contenders[name], cwd=cwd, check=True)
+        times[name].append(harness.timed(functools.partial(run, capture_output=True))[0])
     return times
 
 
@@ -99,11 +91,14 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
     samples = 5 if args.quick else args.samples
-    cores = len(os.sched_getaffinity(0))
+    load = harness.load()
     print(
-        f"machine: {cores} usable cores, Python {platform.python_version()}, "
-        f"load {os.getloadavg()[0]:.1f}; {samples} samples each, interleaved"
+        harness.machine_line(
+            f"load {load[0]:.1f}; {samples} samples each, interleaved", prefix="machine: "
+        )
     )
+    if warning := harness.busy_warning(load):
+        print(warning)
     report: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as directory:
         scripts = {}
@@ -118,30 +113,40 @@ def main() -> None:
                 imports[name] = [sys.executable, "-c", code]
         importing = interleaved(imports, samples, directory)
     reference = min(startup["multiprocessing.Pool, fork"])
-    print(
-        "\n| whole process: start a 2-worker pool, one result, exit | min | median | min / fork Pool |"
-    )
-    print("|---|---|---|---|")
+    rows = []
     for name, runs in startup.items():
         report[name] = {"min": min(runs), "median": statistics.median(runs)}
-        print(
-            f"| {name} | {min(runs) * 1e3:.0f} ms | {statistics.median(runs) * 1e3:.0f} ms "
-            f"| {min(runs) / reference:.2f}x |"
+        rows.append(
+            [
+                name,
+                f"{min(runs) * 1e3:.0f} ms",
+                f"{statistics.median(runs) * 1e3:.0f} ms",
+                f"{min(runs) / reference:.2f}x",
+            ]
         )
+    headers = (
+        "whole process: start a 2-worker pool, one result, exit | min | median | min / fork Pool"
+    )
+    print("\n" + harness.markdown_table(headers, rows, pad=False))
     bare = min(importing.pop("(bare interpreter)"))
     mp_pool = min(importing["multiprocessing.pool"]) - bare
-    print("\n| import, above a bare interpreter | min | median | / multiprocessing.pool |")
-    print("|---|---|---|---|")
+    rows = []
     for name, runs in importing.items():
         cost = [run - bare for run in runs]
         report[f"import {name}"] = {"min": min(cost), "median": statistics.median(cost)}
-        print(
-            f"| `{IMPORTS[name]}` | {min(cost) * 1e3:.1f} ms | "
-            f"{statistics.median(cost) * 1e3:.1f} ms | {min(cost) / mp_pool:.2f}x |"
+        rows.append(
+            [
+                f"`{IMPORTS[name]}`",
+                f"{min(cost) * 1e3:.1f} ms",
+                f"{statistics.median(cost) * 1e3:.1f} ms",
+                f"{min(cost) / mp_pool:.2f}x",
+            ]
         )
-    print(f"\ncommand: python benchmarks/bench_startup.py {' '.join(sys.argv[1:])}")
+    headers = "import, above a bare interpreter | min | median | / multiprocessing.pool"
+    print("\n" + harness.markdown_table(headers, rows, pad=False))
+    print(f"\ncommand: {harness.command('benchmarks/bench_startup.py')}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        harness.write_json(args.json, report)
 
 
 if __name__ == "__main__":
