@@ -897,6 +897,20 @@ def f(x):
 print(fenfa.map(f, range(4), backend="process"))
 """
 
+# A thread already running: the forkserver cannot be a fork of the script (a
+# "zygote"), so it is a fresh interpreter that imports the script again.
+NO_GUARD_THREADED = """
+import threading
+import fenfa
+
+threading.Thread(target=threading.Event().wait, args=(30,), daemon=True).start()
+
+def f(x):
+    return x * 2
+
+print(fenfa.map(f, range(4), backend="process"))
+"""
+
 NO_GUARD_SPAWN = """
 import fenfa
 
@@ -909,7 +923,17 @@ with fenfa.Pool("process", 2, start_method="spawn") as pool:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("source", [NO_GUARD_MAP, NO_GUARD_SPAWN], ids=["default", "spawn"])
+def test_a_single_threaded_script_without_a_main_guard_runs(tmp_path: Path) -> None:
+    """Its forkserver is a fork of it: no worker runs the script's top level again."""
+    with script(tmp_path, NO_GUARD_MAP) as proc:
+        assert proc.wait(timeout=40) == 0, script_output(tmp_path)
+    assert (tmp_path / "stdout").read_text().strip() == "[0, 2, 4, 6]"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "source", [NO_GUARD_THREADED, NO_GUARD_SPAWN], ids=["threaded-forkserver", "spawn"]
+)
 def test_a_script_without_a_main_guard_fails_clearly(source: str, tmp_path: Path) -> None:
     with script(tmp_path, source) as proc:
         try:

@@ -235,6 +235,8 @@ def test_negative_workers_count_as_joblib_does() -> None:
 
 @pytest.mark.timeout(60)
 def test_an_unreachable_dask_scheduler_is_backend_unavailable_naming_it() -> None:
+    pytest.importorskip("distributed")  # (its defaults loaded before the setting below:
+    # leaving a dask.config.set removes keys that were not there when it began)
     dask_config = pytest.importorskip("dask.config")
     with (
         dask_config.set({"distributed.comm.timeouts.connect": "1s"}),
@@ -250,3 +252,27 @@ def test_a_windows_module_name_beside_the_script_is_not_blamed(tmp_path: Any) ->
     (tmp_path / "queue.py").write_text("")
     names = {name for name, _path in _shadow._shadowing_in(str(tmp_path))}
     assert names == {"queue"}
+
+
+class SlowToLoad:
+    """A callable whose unpickling takes a while (a model it captures, say)."""
+
+    def __call__(self, x: int) -> int:
+        return x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_slowly, ())
+
+
+def _load_slowly() -> SlowToLoad:
+    time.sleep(1.5)  # (the workload: slow to load, not a synchronisation)
+    return SlowToLoad()
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_counts_from_when_the_task_starts_not_while_its_function_loads() -> None:
+    """Found by the fault soak: every task failed with TaskTimeout without running."""
+    with fenfa.Pool("process", workers=1, timeout=1.0) as pool:
+        assert pool.map(SlowToLoad(), range(3)) == [0, 1, 2]
+        with pytest.raises(fenfa.TaskTimeout, match="ran longer than its timeout"):
+            pool.map(time.sleep, [3])

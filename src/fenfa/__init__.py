@@ -3,12 +3,53 @@
 See DESIGN.md for the contract; this module only re-exports the public names.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
+
+import importlib
+import sys as _sys
 
 from . import _shadow
 
-try:
-    from .api import Executor, imap, imap_unordered, last_insights, map, run, starmap
+# (Not typing's: importing typing costs more than all of this module.)
+TYPE_CHECKING = False
+
+__version__ = "0.1.0.dev0"
+
+# Where each public name lives. Nothing is imported until a name is first
+# used: `import fenfa` costs ~1 ms, and a script pays for the machinery it
+# calls (fenfa.map: the pool and a backend; not insights, sharing, asyncio).
+_HOMES = {
+    "Executor": "executor",
+    "imap": "api",
+    "imap_unordered": "api",
+    "last_insights": "api",
+    "map": "api",
+    "run": "api",
+    "starmap": "api",
+    "aimap": "aio",
+    "amap": "aio",
+    "BackendUnavailable": "errors",
+    "FenfaError": "errors",
+    "PoolClosed": "errors",
+    "SerializationError": "errors",
+    "TaskTimeout": "errors",
+    "WorkerCrashed": "errors",
+    "Insights": "insights",
+    "Summary": "insights",
+    "TaskRecord": "insights",
+    "Pool": "pool",
+    "Shared": "sharing",
+    "share": "sharing",
+    "ShellResult": "shell",
+    "WorkerInfo": "worker",
+    "current_worker": "worker",
+}
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .aio import aimap, amap
+    from .api import imap, imap_unordered, last_insights, map, run, starmap
     from .errors import (
         BackendUnavailable,
         FenfaError,
@@ -17,31 +58,53 @@ try:
         TaskTimeout,
         WorkerCrashed,
     )
+    from .executor import Executor
     from .insights import Insights, Summary, TaskRecord
     from .pool import Pool
     from .sharing import Shared, share
     from .shell import ShellResult, shell
     from .worker import WorkerInfo, current_worker
-except (AttributeError, ImportError):
-    # A standard-library module came from a file beside the user's script:
-    # say so, rather than where deep in the standard library it broke.
-    _shadow.check()
-    raise
-
-__version__ = "0.1.0.dev0"
-
-if TYPE_CHECKING:
-    from .aio import aimap, amap
 
 
 def __getattr__(name: str) -> Any:
-    # amap/aimap need asyncio, whose import costs ~30 ms: paid on first use,
-    # not by every script that imports fenfa.
-    if name in ("amap", "aimap"):
-        from . import aio
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fenfa' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(f".{home}", __name__), name)
+    except (AttributeError, ImportError):
+        # A standard-library module came from a file beside the user's script:
+        # say so, rather than where deep in the standard library it broke.
+        _shadow.check()
+        raise
+    globals()[name] = value  # (the next look-up is a plain attribute)
+    return value
 
-        return getattr(aio, name)
-    raise AttributeError(f"module 'fenfa' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES, "shell"])
+
+
+class _Package(type(_shadow)):  # type: ignore[misc]
+    """This module's class: ``fenfa.shell`` stays the function.
+
+    Importing the submodule ``fenfa.shell`` (as ``fenfa run`` does) sets the
+    package's attribute ``shell`` to the module; here that assignment is
+    ignored, and the attribute is always the function ``fenfa.shell()``.
+    """
+
+    @property
+    def shell(self) -> Any:
+        from .shell import shell
+
+        return shell
+
+    @shell.setter
+    def shell(self, _module: Any) -> None:
+        pass
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

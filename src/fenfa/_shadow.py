@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import sysconfig
 
 __all__ = ["check", "check_directory", "shadowing_files"]
 
@@ -58,6 +57,8 @@ def _on_this_platform(name: str) -> bool:
     """A standard module this Python has (not Windows' ``nt`` or ``msvcrt`` on Linux)."""
     if name in sys.modules or name in sys.builtin_module_names:
         return True
+    import sysconfig  # (only when a file beside the script has a standard name)
+
     stdlib = sysconfig.get_paths()["stdlib"]
     if os.path.exists(os.path.join(stdlib, name + ".py")) or os.path.isdir(
         os.path.join(stdlib, name)

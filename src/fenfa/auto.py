@@ -83,6 +83,14 @@ PARALLEL_ABOVE = 1.5
 # first task looked CPU-bound alone shows ~0.3 here, and runs 1.6-2.8x faster
 # on threads than on a freshly started process pool.
 PAIR_WAITING_BELOW = 0.7
+# ... but for a task whose probe thread was busy this share of the time or
+# more alone, a low pair figure on a busy machine means the machine could not
+# give two threads their cores (or the GIL), not that the task waits.
+ALONE_BUSY_ABOVE = 0.9
+# ... unless the machine was quiet (the probe threads queued for a CPU less
+# than this share of the time): then a low pair figure is waiting, whatever
+# the alone phase said (a first urllib call's imports look like work).
+QUIET_BELOW = 0.1
 # One task keeping more than this many cores busy by itself is already
 # parallel (a 2-thread BLAS shows ~2.0 here). Not lower: the process clock
 # also counts fenfa's own threads and start-up work, seen at up to ~1.4 with
@@ -488,7 +496,9 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         )
     # Time queued for a CPU that other programs held is not waiting on IO:
     # judged by what the pair wanted, a busy machine does not look idle.
-    if (wanted if wanted is not None else parallel) < PAIR_WAITING_BELOW:
+    pair_waits = (wanted if wanted is not None else parallel) < PAIR_WAITING_BELOW
+    quiet = (evidence.get("contention") or 0.0) < QUIET_BELOW
+    if pair_waits and (ratio < ALONE_BUSY_ABOVE or quiet):
         # Alone it looked busy (a first task's imports and warm-up often do),
         # but side by side the copies mostly wait: on IO, not on the GIL.
         return settle(

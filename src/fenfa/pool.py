@@ -12,9 +12,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from operator import length_hint
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from . import _shadow
 from .auto import Decision, unmeasured
@@ -33,6 +32,12 @@ from .options import (
 )
 from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 from .window import Run, annotate
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+# The per-call options that hand a call to fenfa.journaled (imported only then).
+_JOURNAL_OPTIONS = frozenset({"journal", "journal_fsync", "journal_retry_failed"})
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,6 +58,8 @@ class _FutureJob(Job):
         self.pool = pool
         self.retries = retries
         self.timeout = timeout
+        from concurrent.futures import Future  # (its import costs ~5 ms: not for map)
+
         self.future: Future[Any] = Future()
         self.started = False
         self.claim_lock = threading.Lock()
@@ -444,38 +451,42 @@ class Pool:
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> list[R]:
         """``list(map(fn, *iterables))`` on the workers; raises the first failure seen."""
-        from .journaled import journaled_list  # journal=: see fenfa.journaled
+        if _JOURNAL_OPTIONS & options.keys():  # journal=: see fenfa.journaled
+            from .journaled import journaled_list
 
-        if (done := journaled_list(self, fn, iterables, options)) is not None:
-            return done
+            if (done := journaled_list(self, fn, iterables, options)) is not None:
+                return done
         return self._spread(fn, iterables, True, options).collect()
 
     def imap(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazy and ordered; at most ``window`` inputs pulled ahead of the consumer."""
-        from .journaled import journaled
+        if _JOURNAL_OPTIONS & options.keys():
+            from .journaled import journaled
 
-        if (call := journaled(self, fn, iterables, options, ordered=True)) is not None:
-            return call
+            if (call := journaled(self, fn, iterables, options, ordered=True)) is not None:
+                return call
         return self._spread(fn, iterables, True, options).results()
 
     def imap_unordered(
         self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any
     ) -> Iterator[R]:
         """Lazy; results in the order they finish."""
-        from .journaled import journaled
+        if _JOURNAL_OPTIONS & options.keys():
+            from .journaled import journaled
 
-        if (call := journaled(self, fn, iterables, options, ordered=False)) is not None:
-            return call
+            if (call := journaled(self, fn, iterables, options, ordered=False)) is not None:
+                return call
         return self._spread(fn, iterables, False, options).results()
 
     def starmap(
         self, fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: Any
     ) -> list[R]:
         """``[fn(*args) for args in iterable]`` on the workers."""
-        from .journaled import journaled_list
+        if _JOURNAL_OPTIONS & options.keys():
+            from .journaled import journaled_list
 
-        if (done := journaled_list(self, fn, (iterable,), options, star=True)) is not None:
-            return done
+            if (done := journaled_list(self, fn, (iterable,), options, star=True)) is not None:
+                return done
         run = self._run(
             fn,
             Style.STAR,
@@ -490,6 +501,8 @@ class Pool:
         self, fn: Callable[..., R], iterable: Iterable[Any], **options: Any
     ) -> Future[list[R]]:
         """``map`` in the background; a Future of the list."""
+        from concurrent.futures import Future
+
         run = self._spread(fn, (iterable,), True, options)
         run.background = True
         future: Future[list[R]] = Future()

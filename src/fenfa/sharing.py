@@ -48,9 +48,7 @@ import itertools
 import mmap
 import os
 import pickle
-import secrets
 import sys
-import tempfile
 import threading
 import types
 import weakref
@@ -81,6 +79,8 @@ def _directories() -> list[str]:
     chosen = os.environ.get(DIR_VARIABLE)
     first = chosen if chosen else "/dev/shm"
     dirs = [first] if os.path.isdir(first) else []
+    import tempfile  # (only where /dev/shm is missing or short)
+
     temp = tempfile.gettempdir()
     if temp not in dirs:
         dirs.append(temp)
@@ -170,7 +170,7 @@ class Segment:
             _sweep_once()
             tried = []
             for directory in _directories():
-                name = f"{PREFIX}{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
+                name = f"{PREFIX}{os.getpid()}-{next(_counter)}-{os.urandom(4).hex()}"
                 path = os.path.join(directory, name)
                 try:
                     _write_file(path, size, data, reserve=reserve)
@@ -496,8 +496,11 @@ def _map(path: str, size: int, *, writable: bool) -> mmap.mmap:
                 "ended) before this task started"
             ) from None
         try:
-            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-            mapping = mmap.mmap(fd, size, access=access)
+            # Every page mapped in one call (MAP_POPULATE), not one fault per
+            # 4 KiB page as the task first reads it: ~20,000 faults for 80 MB.
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapping = mmap.mmap(fd, size, flags=flags, prot=prot)
         finally:
             os.close(fd)
         _maps[path] = mapping

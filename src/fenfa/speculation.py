@@ -22,7 +22,6 @@ first served, so the ``workers`` oldest still out are the running ones.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from typing import Any
@@ -151,6 +150,8 @@ class Speculator:
         return out
 
     def threshold(self) -> float:
+        import statistics  # (its import costs ~10 ms: only for calls that speculate)
+
         median = statistics.median(self._times) if self._times else 0.0
         return max(FLOOR_SECONDS, FACTOR * median)
 

@@ -276,6 +276,7 @@ def run_batch(
     on_error: Callable[[BaseException], Any],
     stop: bool = False,
     marks: Any = None,
+    started: Callable[[int], None] | None = None,
 ) -> int:
     """Run ``call`` over ``items`` and hand the pieces to ``emit``.
 
@@ -287,7 +288,8 @@ def run_batch(
     ``SystemExit`` fails, it does not stop the worker. With ``stop``, the
     batch ends at its first failure. With ``marks`` (a process worker's
     shared words), each task's index is stored before it runs, so a parent
-    whose worker died knows which task killed it. Returns the count run.
+    whose worker died knows which task killed it; ``started`` is told each
+    task's index before it runs. Returns the count run.
     """
     try:
         running = _running
@@ -298,6 +300,8 @@ def run_batch(
                 running.index = index
                 if marks is not None:
                     marks[1] = index  # (shared with the parent: which task runs)
+                if started is not None:
+                    started(index)
                 try:
                     value = call(item)
                 except BaseException as exc:

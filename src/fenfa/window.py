@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import speculation
 from .auto import Decision, completed, probe, unmeasured
 from .errors import short_repr
 from .options import CallOptions
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .insights import Insights
     from .pool import Pool
+    from .speculation import Speculator
 
 # The default window holds this many batches per worker: one running, one
 # queued behind it, and room for finished results on their way back and in
@@ -142,7 +142,11 @@ class Run:
         self._cursor = 0
         self._out: deque[tuple[int, list[Any] | BaseException]] = deque()
         self._progress: Progress | None = None
-        self._speculator = speculation.Speculator() if options.speculate else None
+        self._speculator: Speculator | None = None
+        if options.speculate:
+            from .speculation import Speculator
+
+            self._speculator = Speculator()
         self._recorder = recorder
         if recorder is not None:
             self._call = recorder.new_call()
@@ -273,7 +277,9 @@ class Run:
         copies, wait = speculator.due(idle)
         for copy in copies:
             self._target._submit_batch(copy, urgent=True, internal=True)
-        return self._wait(wait if wait is not None else speculation.FLOOR_SECONDS)
+        from .speculation import FLOOR_SECONDS
+
+        return self._wait(wait if wait is not None else FLOOR_SECONDS)
 
     def _stop_the_slower_attempts(self) -> None:
         """Every result is in: attempts still running lost the race; stop them."""
@@ -396,6 +402,7 @@ class Run:
                 report = self._next_report()
                 if report is not None:
                     self._absorb(*report)
+                    report = None  # (no cycle through this frame: see above)
         except KeyboardInterrupt:
             # Ctrl-C: nobody wants these results; stop the tasks now running
             # (process workers are killed and replaced).

@@ -26,6 +26,7 @@ Worker -> parent::
                  exception; times: when and where it ran (insights on), else None
                  sizes: the byte counts of the pickle's out-of-band buffers (large NumPy
                  results), written raw to the socket right after the frame
+    STARTED     header (batch_id, index)  a task with a timeout starts now (its clock runs)
     RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
     OUTPUT      header (stream, text)   printed by a task (see fenfa.relay)
     LOG         header record attributes    logged by a task (see fenfa.relay)
@@ -35,6 +36,7 @@ Worker -> parent::
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import pickle
 import signal
@@ -56,6 +58,7 @@ from ..worker import set_slot
 
 FUNC, BATCH, FORGET, STOP = b"F", b"B", b"G", b"S"
 READY, RESULT, RETIRE, INIT_FAILED, OUTPUT, LOG = b"Y", b"R", b"T", b"I", b"O", b"L"
+STARTED = b"A"
 # The exit code of a worker that left because its parent died.
 EXIT_ORPHANED = 70
 _HLEN = struct.Struct("!I")
@@ -85,6 +88,44 @@ NATIVE_THREAD_VARIABLES = (
 FAST_MODE = 0
 MARKED_MODE = 1
 STREAM_MODE = 2
+# Task by task, and each task says STARTED first: a task with a timeout is
+# timed from when it really starts (not while its function unpickles, nor
+# while a retiring worker says goodbye).
+TIMED_MODE = 3
+
+
+class Marks:
+    """Two 64-bit words a worker shares with its parent: (batch id, index of its running task).
+
+    A memfd mapped by both: the worker stores before each task of a MARKED
+    batch, the parent reads after the worker died. It travels to a spawned
+    or forkserver child as a descriptor, the way multiprocessing sends a
+    Connection (``reduction.DupFd``); a forked child inherits the mapping.
+    (Not ``multiprocessing.RawArray``: its import of ctypes costs ~20 ms.)
+    """
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = os.memfd_create("fenfa-marks") if fd is None else fd
+        if fd is None:
+            os.ftruncate(self.fd, 16)
+        self._map = mmap.mmap(self.fd, 16)
+        self.view = memoryview(self._map).cast("q")
+        if fd is None:
+            self.view[0] = self.view[1] = -1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return _attach_marks, (reduction.DupFd(self.fd),)
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+def _attach_marks(duplicate: Any) -> Marks:
+    return Marks(duplicate.detach())
 
 
 def frame(kind: bytes, header: Any, body: bytes = b"") -> bytes:
@@ -237,7 +278,7 @@ def _serve_batch(
     batch_id, _key, style, start, count, mode, timed = header
     # mode: FAST (results at the end, no per-task work), MARKED (results at
     # the end, each task's index stored in the shared marks) or STREAM.
-    reporter = _Reporter(send, batch_id, mode == STREAM_MODE)
+    reporter = _Reporter(send, batch_id, mode in (STREAM_MODE, TIMED_MODE))
     try:
         if isinstance(fn, BaseException):
             raise fn
@@ -259,7 +300,7 @@ def _serve_batch(
     if budget is not None and budget < count:
         items = items[:budget]
     emit = Stamper(reporter.emit) if timed else reporter.emit
-    marked = marks if mode == MARKED_MODE else None
+    marked = marks.view if mode == MARKED_MODE and marks is not None else None
     if marked is not None:
         marked[0], marked[1] = batch_id, start
     try:
@@ -271,6 +312,9 @@ def _serve_batch(
             mode != FAST_MODE,
             pack_exception,
             marks=marked,
+            started=(lambda index: send(frame(STARTED, (batch_id, index))))
+            if mode == TIMED_MODE
+            else None,
         )
     finally:
         # A line the batch left unfinished goes out before its results.

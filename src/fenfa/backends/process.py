@@ -65,7 +65,7 @@ from ..errors import (
     unpack_exception,
 )
 from ..tasks import Batch, Err, Job, Ok, Piece, Style
-from . import _worker, usable_cores
+from . import _worker, usable_cores, zygote
 from ._worker import (
     BATCH,
     FAST_MODE,
@@ -78,8 +78,10 @@ from ._worker import (
     READY,
     RESULT,
     RETIRE,
+    STARTED,
     STOP,
     STREAM_MODE,
+    TIMED_MODE,
     frame,
     unframe,
 )
@@ -95,6 +97,9 @@ PREFETCH_BELOW_SECONDS = 0.05
 # a few microseconds, so one per task costs at most ~2% above this; shorter
 # tasks report once per batch.
 STREAM_ABOVE_SECONDS = 0.0002
+# A task with a timeout is timed from the worker's STARTED; until then (its
+# function unpickling, say) it gets this much more before it is given up on.
+START_GRACE_SECONDS = 60.0
 # The manager wakes at least this often, whatever the deadlines.
 MAX_WAIT_SECONDS = 3600.0
 # Tasks expected to take longer than this (and shorter than the above) report
@@ -214,6 +219,7 @@ class _Worker:
         "process",
         "ready",
         "retiring",
+        "running",
         "sender",
         "sock",
         "task_started",
@@ -237,8 +243,10 @@ class _Worker:
         self.retiring = False
         # Set when fenfa kills the worker on purpose: the error its running task gets.
         self.blame: BaseException | None = None
-        # When the task now running started, for timeouts (timed batches only).
+        # When the task now running started (or was sent), for timeouts.
         self.task_started = 0.0
+        # Whether the worker said STARTED for its current timed task.
+        self.running = False
         self.sender = threading.Thread(
             target=self._send_loop, daemon=True, name=f"fenfa-send-{worker_id}"
         )
@@ -257,10 +265,17 @@ class _Worker:
                 return
 
     def deadline(self) -> float | None:
+        """When the running task's timeout expires; before it has started, a grace."""
         if not self.batches or self.blame is not None:
             return None
         limit = self.batches[0].job.timeout
-        return None if limit is None else self.task_started + limit
+        if limit is None:
+            return None
+        if not self.running:
+            # Sent, not started yet (its function unpickling, a worker
+            # starting): not the task's time, but not forever either.
+            return self.task_started + limit + START_GRACE_SECONDS
+        return self.task_started + limit
 
     def kill(self, blame: BaseException | None) -> None:
         if self.blame is None:
@@ -323,6 +338,9 @@ class ProcessBackend(Backend):
             # Forked from a server that has already imported the worker code
             # (and cloudpickle), a worker starts in milliseconds.
             self._ctx.set_forkserver_preload(["__main__", _worker.__name__])
+            with _main_path_hidden_unless_a_file():
+                # A fork of this process, while it is still single-threaded.
+                zygote.ensure_running()
         self._setup: bytes | None = None
         if self.initializer is not None:
             try:
@@ -373,7 +391,7 @@ class ProcessBackend(Backend):
     def _start_worker(self) -> None:
         worker_id = next(self._ids)
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        marks = self._ctx.RawArray("q", [-1, -1])
+        marks = _worker.Marks()
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker.worker_main,
             name=f"fenfa-process-{worker_id}",
@@ -394,6 +412,10 @@ class ProcessBackend(Backend):
         try:
             with _main_path_hidden_unless_a_file():
                 process.start()
+        except BaseException:
+            marks.close()
+            parent_conn.close()
+            raise
         finally:
             child_conn.close()
         try:
@@ -402,6 +424,7 @@ class ProcessBackend(Backend):
             process.kill()
             process.join()
             parent_conn.close()
+            marks.close()
             raise
         worker.sender.start()
         with self._lock:
@@ -420,6 +443,7 @@ class ProcessBackend(Backend):
             worker.sender.join()
             worker.conn.close()
             worker.sock.close()
+            worker.marks.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._lifeline_w.close()
@@ -519,6 +543,8 @@ class ProcessBackend(Backend):
 
     @classmethod
     def _mode(cls, batch: Batch) -> int:
+        if batch.job.timeout is not None:
+            return TIMED_MODE
         if cls._streams(batch):
             return STREAM_MODE
         return MARKED_MODE if cls._marks(batch) else FAST_MODE
@@ -552,8 +578,11 @@ class ProcessBackend(Backend):
     def _assign(self) -> None:
         """Hand pending batches to workers with room. Called with ``_lock`` held."""
         pending = self._pending
-        self._memory_held = bool(pending) and memory.below_floor(self.memory_floor)
-        if self._memory_held:
+        held = bool(pending) and memory.below_floor(self.memory_floor)
+        if held and not self._memory_held:
+            self._wake()  # the manager must wait with the memory poll in view
+        self._memory_held = held
+        if held:
             return  # (the manager looks again in memory.POLL_SECONDS)
         now = time.monotonic()
         timed = False
@@ -578,6 +607,7 @@ class ProcessBackend(Backend):
                     worker.outbox.put(frame(FUNC, (key,), data))
                 if not worker.batches:
                     worker.task_started = now
+                    worker.running = False
                 timed = timed or batch.job.timeout is not None
                 worker.batches.append(batch)
                 worker.outbox.put(batch.wire)
@@ -624,10 +654,16 @@ class ProcessBackend(Backend):
                     batch = worker.batches[0]
                     index = batch.start + batch.done
                     limit = batch.job.timeout
+                    what = (
+                        f"ran longer than its timeout of {limit:g} s"
+                        if worker.running
+                        else f"did not start within {START_GRACE_SECONDS:g} s of being due "
+                        f"(with its timeout of {limit:g} s)"
+                    )
                     worker.kill(
                         TaskTimeout(
-                            f"task {index} ran longer than its timeout of {limit:g} s; "
-                            f"its worker (pid {worker.process.pid}) was killed",
+                            f"task {index} {what}; its worker (pid {worker.process.pid}) "
+                            "was killed",
                             index=index,
                             limit=limit,
                         )
@@ -724,6 +760,11 @@ class ProcessBackend(Backend):
                 # Its first task starts now, not when it was sent: start-up
                 # time does not count against a timeout.
                 worker.task_started = time.monotonic()
+        elif kind == STARTED:
+            with self._lock:
+                if worker.batches and worker.batches[0].id == header[0]:
+                    worker.task_started = time.monotonic()
+                    worker.running = True
         elif kind == RETIRE:
             with self._lock:
                 worker.retiring = True
@@ -767,6 +808,7 @@ class ProcessBackend(Backend):
                 return  # failed meanwhile (the pool broke, a shutdown's grace ran out)
             batch.done += sum(span[1] for span in spans)
             worker.task_started = time.monotonic()
+            worker.running = False
             if batch.done >= len(batch.items):
                 worker.batches.popleft()
                 self._assign()
@@ -837,6 +879,7 @@ class ProcessBackend(Backend):
             self._requeue(worker)
             # Replaced even while closing: queued work must still run.
             replace = self.broken is None and not worker.retiring
+        worker.marks.close()
         if blamed is not None:
             batch, index, error = blamed
             batch.job.deliver(batch, [Err(index, error)], 0.0)
@@ -879,9 +922,9 @@ class ProcessBackend(Backend):
     @classmethod
     def _marked_task(cls, worker: _Worker, batch: Batch) -> int | None:
         """The task a dead worker's marks say it ran, if they speak of ``batch``."""
-        if cls._mode(batch) != MARKED_MODE or worker.marks[0] != batch.id:
+        if cls._mode(batch) != MARKED_MODE or worker.marks.view[0] != batch.id:
             return None
-        index = int(worker.marks[1])
+        index = int(worker.marks.view[1])
         first = batch.start + batch.done
         return index if first <= index < batch.start + len(batch.items) else None
 
@@ -970,6 +1013,7 @@ class ProcessBackend(Backend):
             worker.sender.join()
             worker.conn.close()
             worker.sock.close()
+            worker.marks.close()
         self._lifeline_w.close()
         self._lifeline_r.close()
         _live.discard(self)
