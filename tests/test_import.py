@@ -64,3 +64,13 @@ def test_a_plain_thread_map_does_not_start_asyncio_or_tqdm() -> None:
     assert not loaded & {"tqdm", "asyncio", "logging.handlers"}, sorted(
         loaded & {"tqdm", "asyncio", "logging.handlers"}
     )
+
+
+def test_the_package_pickles_by_name() -> None:
+    """A __main__ function sent by value refers to fenfa: the package must pickle."""
+    import pickle
+
+    import cloudpickle
+
+    assert pickle.loads(pickle.dumps(fenfa)) is fenfa
+    assert pickle.loads(cloudpickle.dumps(fenfa)) is fenfa

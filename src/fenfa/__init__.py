@@ -5,6 +5,7 @@ See DESIGN.md for the contract; this module only re-exports the public names.
 
 from __future__ import annotations
 
+import copyreg as _copyreg
 import importlib
 import sys as _sys
 
@@ -104,6 +105,13 @@ class _Package(type(_shadow)):  # type: ignore[misc]
         pass
 
 
+def _by_name(module: Any) -> tuple[Any, tuple[str]]:
+    return importlib.import_module, (module.__name__,)
+
+
+# A module of a class of its own pickles by name, as any module does (a
+# function of __main__ sent by value refers to fenfa).
+_copyreg.pickle(_Package, _by_name)
 _sys.modules[__name__].__class__ = _Package
 
 
