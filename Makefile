@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint test-all bench clean
+.PHONY: demo test test-slow lint test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 
+# `make test` leaves out the tests marked slow (tests/conftest.py: SLOW_TESTS),
+# to stay under six minutes on 2 cores; `make test-slow` runs only those.
+# .ci/run runs both, so CI runs the whole suite.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m slow
 
 # The suite on every supported Python (3.11, 3.12, 3.13 under pyenv), through nox.
 test-all: $(VENV)/.installed-test

@@ -868,6 +868,7 @@ def machine_info(jobs: int) -> dict[str, Any]:
         "xargs": _first_line([XARGS, "--version"]),
         "sh": os.path.realpath("/bin/sh"),
         "fenfa_run_per_job": FENFA_DIRECT,
+        "bytecode": harness.compile_fenfa(),
         "command": harness.command(),
     }
 

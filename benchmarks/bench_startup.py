@@ -97,6 +97,7 @@ def main() -> None:
             f"load {load[0]:.1f}; {samples} samples each, interleaved", prefix="machine: "
         )
     )
+    print(harness.compile_fenfa())
     if warning := harness.busy_warning(load):
         print(warning)
     report: dict[str, dict[str, float]] = {}

@@ -42,6 +42,61 @@ LEAK_DEADLINE = 5.0
 LONG_LIVED_THREADS = {"tqdm_monitor", "Dask-Callback-Thread_0", "Dask-Offload_0"}
 
 
+#: Tests that take a second or more on the 2-core machine (``--durations``
+#: of a quiet run). ``make test`` leaves them out so that it stays under six
+#: minutes; ``make test-slow`` runs only them, and ``.ci/run`` runs both, so
+#: CI covers everything. A name alone covers every parametrization of the
+#: test; ``name[id]`` only that one. Tests whose length is their point (the
+#: soak, the resume-after-SIGKILL runs) carry ``@pytest.mark.slow`` themselves.
+SLOW_TESTS = {
+    "test_contract.py": {
+        "test_chunksize_and_window_do_not_change_results[dask]",
+        "test_ordered_imap_counts_buffered_results_in_the_window[dask]",
+    },
+    "test_correctness.py": {
+        "test_every_backend_gives_what_builtins_map_gives",
+        "test_auto_keeps_every_result_of_a_slow_generator",
+    },
+    "test_dask.py": {
+        "test_killed_worker_in_a_real_deployment",
+        "test_a_script_exits_quietly_and_leaves_no_cluster",
+    },
+    "test_cli.py": {"test_bench_quick_reports_every_backend_on_both_workloads"},
+    "test_beyond.py": {
+        "test_speculation_delivers_every_result_once",
+        "test_without_speculation_the_straggler_holds_the_call",
+        "test_a_worker_past_max_worker_memory_is_recycled",
+    },
+    "test_trust.py": {
+        "test_a_timeout_counts_from_when_the_task_starts_not_while_its_function_loads",
+        "test_a_huge_timeout_keeps_the_watchdog_alive[thread]",
+        "test_the_thread_backend_keeps_only_live_threads",
+    },
+    "test_relay.py": {"test_a_worker_printing_100_mb_does_not_fill_the_callers_memory"},
+    "test_run_gnu.py": {"test_joblog_columns_as_gnu_parallel"},
+    "test_mapcmd.py": {
+        "test_a_hung_record_times_out_and_the_run_ends[thread]",
+        "test_each_backend_runs_the_records_where_it_should[dask]",
+    },
+    "test_joblib.py": {
+        "test_grid_search_and_cross_val_score_match_loky",
+        "test_a_timeout_kills_the_task_and_frees_its_worker",
+    },
+    "test_faults.py": {
+        "test_max_tasks_per_worker_recycles_workers[process]",
+        "test_timeout_as_a_pool_default[thread]",
+    },
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests named in SLOW_TESTS ``slow``."""
+    for item in items:
+        names = SLOW_TESTS.get(item.path.name, set())
+        if item.name in names or item.name.split("[", 1)[0] in names:
+            item.add_marker(pytest.mark.slow)
+
+
 def _helper_pids() -> set[int]:
     """multiprocessing's own long-lived helpers: started once, live until exit.
 
