@@ -5,43 +5,18 @@ write end only the parent holds: when the parent dies, even by SIGKILL, the
 pipe reads end-of-file and the worker exits at once, whatever task it is in.
 
 This module is what a worker process imports (and what the forkserver
-preloads), so it imports little. Messages in both directions are *frames*:
-one kind byte, a 4-byte header length, a pickled header, then a body whose
-pickling may fail on its own (the header always gets through, so the other
-side always knows which tasks a failed body stood for).
-
-Parent -> worker::
-
-    FUNC   header (key,)                                    body: cloudpickled function
-    BATCH  header (batch_id, key, style, start, count, mode, timed)    body: pickled items
-    FORGET header (paths, keys)  shared segments released: drop their mappings and
-           the functions that refer to them (the parent's mirror drops them too)
-    STOP   -
-
-Worker -> parent::
-
-    READY       -   the initializer (if any) ran; tasks may come
-    RESULT      header (batch_id, busy_seconds, spans, sizes)   body: one payload per span
-                 spans: [(start, count, ok, times)]; ok -> a list of values, else a packed
-                 exception; times: when and where it ran (insights on), else None
-                 sizes: the byte counts of the pickle's out-of-band buffers (large NumPy
-                 results), written raw to the socket right after the frame
-    STARTED     header (batch_id, index)  a task with a timeout starts now (its clock runs)
-    RETIRE      header (batch_id,)  this worker reached max_tasks_per_worker and exits
-    OUTPUT      header (stream, text)   printed by a task (see fenfa.relay)
-    LOG         header record attributes    logged by a task (see fenfa.relay)
-    INIT_FAILED header packed exception from the initializer
+preloads), so it imports little. What crosses the pipe, and how, is
+``_protocol.py``'s; this side reads FUNC, BATCH, FORGET and STOP frames, runs
+the batches, and encodes their results into RESULT frames.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import pickle
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -55,23 +30,29 @@ from .. import memory, sharing
 from ..errors import SerializationError, pack_exception
 from ..tasks import Err, Ok, Piece, Stamper, Style, caller, run_batch
 from ..worker import set_slot
+from ._protocol import (
+    FAST_MODE,
+    FORGET,
+    FUNC,
+    FUNCTION_CACHE_SIZE,
+    INIT_FAILED,
+    LOG,
+    MARKED_MODE,
+    OUTPUT,
+    READY,
+    RESULT,
+    RETIRE,
+    STARTED,
+    STOP,
+    STREAM_MODE,
+    TIMED_MODE,
+    dumps,
+    frame,
+    unframe,
+)
 
-FUNC, BATCH, FORGET, STOP = b"F", b"B", b"G", b"S"
-READY, RESULT, RETIRE, INIT_FAILED, OUTPUT, LOG = b"Y", b"R", b"T", b"I", b"O", b"L"
-STARTED = b"A"
 # The exit code of a worker that left because its parent died.
 EXIT_ORPHANED = 70
-_HLEN = struct.Struct("!I")
-
-# Functions kept per worker, least recently used dropped first. The parent
-# mirrors this cache exactly (same size, same order of use), so it knows
-# without asking whether a worker still holds a function.
-FUNCTION_CACHE_SIZE = 32
-# A result buffer (a NumPy array's data) this large or larger crosses out of
-# band: written from the array's memory straight to the socket and read
-# straight into the buffer the parent's array will use. Smaller ones ride
-# inside the pickle, where one message beats three.
-OUT_OF_BAND_BYTES = 64 * 1024
 # The environment variables that size the thread pools of native libraries.
 NATIVE_THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -81,92 +62,6 @@ NATIVE_THREAD_VARIABLES = (
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
 )
-
-
-# How a batch reports (the BATCH header's mode): all at the end; all at the
-# end with each task's index stored in the worker's shared marks; task by task.
-FAST_MODE = 0
-MARKED_MODE = 1
-STREAM_MODE = 2
-# Task by task, and each task says STARTED first: a task with a timeout is
-# timed from when it really starts (not while its function unpickles, nor
-# while a retiring worker says goodbye).
-TIMED_MODE = 3
-
-
-class Marks:
-    """Two 64-bit words a worker shares with its parent: (batch id, index of its running task).
-
-    A memfd mapped by both: the worker stores before each task of a MARKED
-    batch, the parent reads after the worker died. It travels to a spawned
-    or forkserver child as a descriptor, the way multiprocessing sends a
-    Connection (``reduction.DupFd``); a forked child inherits the mapping.
-    (Not ``multiprocessing.RawArray``: its import of ctypes costs ~20 ms.)
-    """
-
-    def __init__(self, fd: int | None = None) -> None:
-        self.fd = os.memfd_create("fenfa-marks") if fd is None else fd
-        if fd is None:
-            os.ftruncate(self.fd, 16)
-        self._map = mmap.mmap(self.fd, 16)
-        self.view = memoryview(self._map).cast("q")
-        if fd is None:
-            self.view[0] = self.view[1] = -1
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        from multiprocessing import reduction
-
-        return _attach_marks, (reduction.DupFd(self.fd),)
-
-    def close(self) -> None:
-        self.view.release()
-        self._map.close()
-        os.close(self.fd)
-
-
-def _attach_marks(duplicate: Any) -> Marks:
-    return Marks(duplicate.detach())
-
-
-def frame(kind: bytes, header: Any, body: bytes = b"") -> bytes:
-    head = pickle.dumps(header, protocol=5)
-    return b"".join((kind, _HLEN.pack(len(head)), head, body))
-
-
-def unframe(message: bytes) -> tuple[bytes, Any, memoryview]:
-    view = memoryview(message)
-    (hlen,) = _HLEN.unpack_from(view, 1)
-    header = pickle.loads(view[5 : 5 + hlen])
-    return message[:1], header, view[5 + hlen :]
-
-
-def dumps(obj: Any, buffers: list[memoryview] | None = None) -> bytes:
-    """Pickle with the standard library (fast); cloudpickle only when that fails.
-
-    With ``buffers``, large buffers (see OUT_OF_BAND_BYTES) are left out of the
-    pickle and appended there instead.
-    """
-    callback = None if buffers is None else _out_of_band(buffers)
-    try:
-        return pickle.dumps(obj, protocol=5, buffer_callback=callback)
-    except Exception:
-        if buffers:
-            buffers.clear()
-        return cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)  # type: ignore[no-any-return]
-
-
-def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
-    def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: in band
-            return True
-        if raw.nbytes < OUT_OF_BAND_BYTES:
-            return True
-        buffers.append(raw)
-        return False
-
-    return keep_in_band
 
 
 Span = tuple[int, int, bool, Any]
@@ -482,4 +377,4 @@ def worker_main(
             return
 
 
-__all__ = ["frame", "unframe", "worker_main"]
+__all__ = ["encode_results", "fail_unpicklable", "worker_main"]
