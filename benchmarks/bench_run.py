@@ -79,7 +79,7 @@ INPUTS = "<INPUTS>"
 
 def _fenfa_direct() -> str:
     try:
-        module = importlib.import_module("fenfa.shell")
+        module = importlib.import_module("fenfa._shell")
     except ImportError:
         return "?"
     direct = getattr(module, "_direct", None)

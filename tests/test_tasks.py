@@ -1,4 +1,4 @@
-"""The pure parts: the batch loop and the adaptive chunk size."""
+"""The pure parts: the batch loop (fenfa.batchloop) and the adaptive chunk size (fenfa.chunking)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,15 @@ from typing import Any
 
 import pytest
 
-from fenfa.tasks import (
+from fenfa.batchloop import caller, run_batch
+from fenfa.chunking import (
     GROWTH,
     MAX_CHUNKSIZE,
     MIN_BATCH_SECONDS,
     TARGET_BATCH_SECONDS,
     ChunkSizer,
-    Err,
-    Ok,
-    Piece,
-    Style,
-    caller,
-    run_batch,
 )
+from fenfa.tasks import Err, Ok, Piece, Style
 
 
 def fails_on_odd_multiples_of_three(x: int) -> int:

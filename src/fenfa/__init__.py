@@ -5,9 +5,7 @@ See DESIGN.md for the contract; this module only re-exports the public names.
 
 from __future__ import annotations
 
-import copyreg as _copyreg
 import importlib
-import sys as _sys
 
 from . import _shadow
 
@@ -36,12 +34,13 @@ _HOMES = {
     "TaskTimeout": "errors",
     "WorkerCrashed": "errors",
     "Insights": "insights",
-    "Summary": "insights",
-    "TaskRecord": "insights",
+    "Summary": "summary",
+    "TaskRecord": "summary",
     "Pool": "pool",
     "Shared": "sharing",
     "share": "sharing",
-    "ShellResult": "shell",
+    "ShellResult": "_shell_result",
+    "shell": "_shell",
     "WorkerInfo": "worker",
     "current_worker": "worker",
 }
@@ -49,6 +48,8 @@ _HOMES = {
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._shell import shell
+    from ._shell_result import ShellResult
     from .aio import aimap, amap
     from .api import imap, imap_unordered, last_insights, map, run, starmap
     from .errors import (
@@ -60,10 +61,10 @@ if TYPE_CHECKING:
         WorkerCrashed,
     )
     from .executor import Executor
-    from .insights import Insights, Summary, TaskRecord
+    from .insights import Insights
     from .pool import Pool
     from .sharing import Shared, share
-    from .shell import ShellResult, shell
+    from .summary import Summary, TaskRecord
     from .worker import WorkerInfo, current_worker
 
 
@@ -83,36 +84,18 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES, "shell"])
+    return sorted([*globals(), *_HOMES])
 
 
-class _Package(type(_shadow)):  # type: ignore[misc]
-    """This module's class: ``fenfa.shell`` stays the function.
+def __reduce_ex__(_protocol: int) -> tuple[Any, tuple[str]]:
+    """The package pickles by name (pickle takes no module otherwise).
 
-    Importing the submodule ``fenfa.shell`` (as ``fenfa run`` does) sets the
-    package's attribute ``shell`` to the module; here that assignment is
-    ignored, and the attribute is always the function ``fenfa.shell()``.
+    pickle looks ``__reduce_ex__`` up on the object itself, so this function
+    of the module is used. (cloudpickle, which sends a ``__main__`` function
+    by value with the globals it refers to, fenfa among them, pickles any
+    importable module by name on its own.)
     """
-
-    @property
-    def shell(self) -> Any:
-        from .shell import shell
-
-        return shell
-
-    @shell.setter
-    def shell(self, _module: Any) -> None:
-        pass
-
-
-def _by_name(module: Any) -> tuple[Any, tuple[str]]:
-    return importlib.import_module, (module.__name__,)
-
-
-# A module of a class of its own pickles by name, as any module does (a
-# function of __main__ sent by value refers to fenfa).
-_copyreg.pickle(_Package, _by_name)
-_sys.modules[__name__].__class__ = _Package
+    return importlib.import_module, (__name__,)
 
 
 __all__ = [

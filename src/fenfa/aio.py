@@ -41,11 +41,12 @@ from typing import Any, TypeVar
 
 from . import api
 from .backends import check_name, default_workers, usable_cores
-from .backends.asyncio import run_coroutine
+from .backends.awaiting import run_coroutine
+from .batchloop import attach_traceback
 from .errors import FenfaError
 from .options import CallOptions, check_callable
 from .progress import Progress
-from .tasks import attach_traceback, is_coroutine_function
+from .tasks import is_coroutine_function
 from .window import annotate, from_input
 
 R = TypeVar("R")

@@ -26,16 +26,16 @@ that already uses several cores by itself, or is so small that shipping it to
 another process would cost more than running it, runs ``serial``; the rest
 goes to ``process``. A probe task still running when the decision is made
 finishes on its probe thread and its result is used.
+
+The probe threads, the input they share and the clocks they are read by are
+:mod:`fenfa.probing`; this module reads them and decides.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import os
 import pickle
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,32 +43,14 @@ from typing import Any
 
 import cloudpickle
 
-from .tasks import (
-    Batch,
-    Job,
-    Piece,
-    attach_traceback,
-    caller,
-    is_coroutine_function,
-    run_batch,
-    stamped,
-)
+from .probing import Feed, ProbeThread, native_threads_cpu, schedstat
+from .tasks import Job, is_coroutine_function
 
 # How long each probe phase lasts. 10 ms is ~100 scheduler ticks' worth of
 # CPU clock resolution on Linux (1 us), long enough for the thread CPU
 # clocks to tell 1 core from 2, and short next to any call worth parallelising.
 ALONE_SECONDS = 0.010
 PAIR_SECONDS = 0.010
-# The alone phase ends sooner once this many seconds of finished tasks (and at
-# least ALONE_TASKS of them) have been timed: while one thread probes, the other
-# cores idle, and at 0.6 ms a task (sha256 of 1 MB) 10 ms alone cost a 64-task
-# call a fifth of its time.
-ALONE_ENOUGH_SECONDS = 0.003
-ALONE_TASKS = 4
-# A probe chunk doubles while it takes less than this: tiny tasks are timed
-# in bulk (two clock reads per chunk, not per task).
-CHUNK_SECONDS = 0.002
-MAX_PROBE_CHUNK = 10_000
 # At most this many tasks are run by the probe (memory for their results).
 MAX_PROBE_TASKS = 100_000
 # A thread's CPU time over wall time below this: the task mostly waits.
@@ -146,7 +128,7 @@ def unmeasured(fn: Callable[..., Any], why: str) -> Decision:
     return Decision("process", f"{why}, so auto chose processes, the safe default for Python code")
 
 
-def completed(decision: Decision, feed: _Feed) -> Decision:
+def completed(decision: Decision, feed: Feed) -> Decision:
     """``decision`` with the task times its probe measured after deciding.
 
     A task longer than the probe's 10 ms had not finished when auto decided
@@ -182,175 +164,6 @@ def cannot_ship(fn: Callable[..., Any], sample: tuple[Any, Any] | None) -> str |
     return None
 
 
-class _Feed:
-    """The call's input, shared by the probe threads under a lock.
-
-    Only one thread ever pulls from the input: a probe thread holds the lock
-    while it pulls (a slow generator keeps it that long), and :meth:`close`
-    takes the same lock, so once it returns no probe thread is inside the
-    input or will enter it again, and ``next_index`` counts every item taken.
-    """
-
-    def __init__(self, inputs: Iterator[Any], job: Job, limit: int) -> None:
-        self._inputs = inputs
-        self._job = job
-        self._limit = limit
-        self._lock = threading.Lock()
-        self.next_index = 0
-        self.exhausted = False
-        self.stopped = False
-        self.error: Exception | None = None
-        self.threads: list[_ProbeThread] = []
-
-    def take(self, count: int) -> tuple[int, list[Any]] | None:
-        with self._lock:
-            if self.stopped or self.exhausted or self._job.cancelled:
-                return None
-            count = min(count, self._limit - self.next_index)
-            if count <= 0:
-                return None
-            items: list[Any] = []
-            try:
-                # extend() keeps what the input gave before it raised.
-                items.extend(itertools.islice(self._inputs, count))
-            except Exception as exc:  # the input itself failed: raised after its items
-                self.error = exc
-                self.exhausted = True
-            if len(items) < count:
-                self.exhausted = True
-            if not items:
-                return None
-            start = self.next_index
-            self.next_index += len(items)
-            return start, items
-
-    def close(self) -> None:
-        """Stop the probe threads pulling; returns once none is inside the input."""
-        self.stopped = True
-        with self._lock:
-            pass
-
-
-class _ProbeThread(threading.Thread):
-    """Runs tasks from the feed, in growing chunks, timing each chunk."""
-
-    def __init__(self, feed: _Feed, job: Job, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self._feed = feed
-        self._job = job
-        self.lock = threading.Lock()
-        # (end time, tasks, wall seconds, thread CPU seconds) per chunk
-        self.chunks: list[tuple[float, int, float, float]] = []
-        self.sample: tuple[Any, Any] | None = None  # an input and its result
-        self.ready = threading.Event()
-        self.measured = threading.Event()  # enough finished tasks timed for the alone phase
-        self.began = 0.0
-        self.wanted_at_start: float | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        finally:
-            self.measured.set()  # (input ran out: nothing more to wait for)
-
-    def _run(self) -> None:
-        # Counted from here, not from start(): on a busy machine a new thread
-        # may queue for a while before it first runs, which is not the task's doing.
-        self.began = time.perf_counter()
-        self.wanted_at_start = _wanted_cpu(self.native_id)
-        self.ready.set()
-        call = caller(self._job.fn, self._job.style)
-        size = 1
-        while (taken := self._feed.take(size)) is not None:
-            start, items = taken
-            batch = Batch(self._job, start, items)
-            pieces: list[Piece] = []
-            wants = _wanted_cpu(self.native_id)
-            begin, cpu = time.perf_counter(), time.thread_time()
-            emit = stamped(pieces.append, self._job)
-            ran = run_batch(call, start, items, emit, False, attach_traceback)
-            end = time.perf_counter()
-            wall, cpu = end - begin, time.thread_time() - cpu
-            after = _wanted_cpu(self.native_id)
-            if wants is not None and after is not None:
-                cpu = max(cpu, min(after - wants, wall))
-            batch.done = ran
-            with self.lock:
-                self.chunks.append((end, ran, wall, cpu))
-                if self.sample is None and pieces and hasattr(pieces[0], "values"):
-                    self.sample = (items[0], pieces[0].values[0])
-                timed = sum(chunk[2] for chunk in self.chunks)
-                if timed >= ALONE_ENOUGH_SECONDS and sum(c[1] for c in self.chunks) >= ALONE_TASKS:
-                    self.measured.set()
-            self._job.deliver(batch, pieces, wall)
-            if wall < CHUNK_SECONDS:
-                size = min(size * 2, MAX_PROBE_CHUNK)
-
-    def wanted_clock(self) -> float | None:
-        """Seconds this thread wanted a CPU so far (ran or queued); None if it ended."""
-        if not self.is_alive():
-            return None
-        wanted = _wanted_cpu(self.native_id)
-        return wanted if wanted is not None else self.cpu_clock()
-
-    def cpu_clock(self) -> float | None:
-        """This thread's CPU seconds so far, read from outside (Linux); None if it ended."""
-        if not self.is_alive():
-            return None
-        try:
-            return time.clock_gettime(time.pthread_getcpuclockid(self.ident or 0))
-        except (OSError, AttributeError):
-            return None
-
-    def chunks_after(self, moment: float) -> list[tuple[float, int, float, float]]:
-        """The chunks that started after ``moment``."""
-        with self.lock:
-            return [c for c in self.chunks if c[0] - c[2] >= moment]
-
-    def done_before(self, moment: float) -> tuple[int, float, float]:
-        """Tasks, wall and CPU seconds of the chunks that ended before ``moment``."""
-        with self.lock:
-            chunks = [c for c in self.chunks if c[0] <= moment]
-        return sum(c[1] for c in chunks), sum(c[2] for c in chunks), sum(c[3] for c in chunks)
-
-
-def _schedstat(native_id: int | None) -> tuple[float, float] | None:
-    """Seconds a thread ran on a CPU, and seconds it was runnable but queued (Linux)."""
-    try:
-        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as stats:
-            on_cpu, queued, _slices = stats.read().split()
-    except (OSError, ValueError):
-        return None
-    return int(on_cpu) / 1e9, int(queued) / 1e9
-
-
-def _native_threads_cpu() -> dict[int, float]:
-    """CPU seconds of each thread of this process that Python did not start (Linux).
-
-    Those are a library's own workers (OpenBLAS, MKL, OpenMP): if they burn
-    CPU while one task runs, the task is already parallel inside.
-    """
-    ours = {thread.native_id for thread in threading.enumerate()}
-    seconds: dict[int, float] = {}
-    try:
-        tids = [int(name) for name in os.listdir("/proc/self/task")]
-    except OSError:
-        return seconds
-    for tid in tids:
-        if tid in ours:
-            continue
-        stat = _schedstat(tid)
-        if stat is not None:
-            seconds[tid] = stat[0]
-    return seconds
-
-
-def _wanted_cpu(native_id: int | None) -> float | None:
-    """Seconds a thread ran on a CPU plus seconds it was runnable but queued."""
-    stat = _schedstat(native_id)
-    return None if stat is None else stat[0] + stat[1]
-
-
 def _ship_seconds(sample: tuple[Any, Any] | None) -> float:
     if sample is None:
         return SHIP_SECONDS
@@ -361,17 +174,17 @@ def _ship_seconds(sample: tuple[Any, Any] | None) -> float:
     return SHIP_SECONDS + size * SHIP_SECONDS_PER_BYTE
 
 
-def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[Decision, _Feed]:
+def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[Decision, Feed]:
     """Run the call's first tasks on probe threads and decide; see the module docstring.
 
     The tasks' outcomes go to ``job.deliver`` as from any backend. Returns the
     decision and the feed, whose ``next_index`` says how many items were taken
     (and ``exhausted`` whether that was all of them).
     """
-    feed = _Feed(inputs, job, min(limit or MAX_PROBE_TASKS, MAX_PROBE_TASKS))
-    alone = _ProbeThread(feed, job, "fenfa-probe-0")
+    feed = Feed(inputs, job, min(limit or MAX_PROBE_TASKS, MAX_PROBE_TASKS))
+    alone = ProbeThread(feed, job, "fenfa-probe-0")
     feed.threads.append(alone)
-    native_before = _native_threads_cpu()
+    native_before = native_threads_cpu()
     process_cpu, begin = time.process_time(), time.perf_counter()
     alone.start()
     alone.measured.wait(ALONE_SECONDS)
@@ -379,7 +192,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     # thread waits to get it back, a probe thread holding it keeps computing.
     middle, process_cpu = time.perf_counter(), time.process_time() - process_cpu
     native = sum(
-        seconds - native_before.get(tid, 0.0) for tid, seconds in _native_threads_cpu().items()
+        seconds - native_before.get(tid, 0.0) for tid, seconds in native_threads_cpu().items()
     ) / (middle - begin)
     alone.ready.wait()
     cpu_alone = alone.wanted_clock()
@@ -403,7 +216,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         "tasks_measured": tasks,
     }
 
-    def settle(backend: str, reason: str, slowdown: float | None = None) -> tuple[Decision, _Feed]:
+    def settle(backend: str, reason: str, slowdown: float | None = None) -> tuple[Decision, Feed]:
         feed.close()
         problem = cannot_ship(job.fn, alone.sample) if backend == "process" else None
         if problem is not None:
@@ -435,7 +248,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         )
     ship = _ship_seconds(alone.sample)
 
-    def small(reason_tail: str, cost: float = ship) -> tuple[Decision, _Feed]:
+    def small(reason_tail: str, cost: float = ship) -> tuple[Decision, Feed]:
         assert per_task is not None
         return settle(
             "serial",
@@ -447,15 +260,15 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     if per_task is not None and per_task < 2 * SHIP_SECONDS:
         return small("", SHIP_SECONDS)  # too small for any pool: even a thread hand-off costs more
     # It computes: do two copies run in parallel on threads, or take turns on the GIL?
-    pair = _ProbeThread(feed, job, "fenfa-probe-1")
+    pair = ProbeThread(feed, job, "fenfa-probe-1")
     feed.threads.append(pair)
     started = time.perf_counter()
-    before, stat_before = alone.cpu_clock(), _schedstat(alone.native_id)
+    before, stat_before = alone.cpu_clock(), schedstat(alone.native_id)
     pair.start()
     pair.join(PAIR_SECONDS)
     elapsed = time.perf_counter() - started
     after, other = alone.cpu_clock(), pair.cpu_clock()
-    stats = [_schedstat(alone.native_id), _schedstat(pair.native_id)]
+    stats = [schedstat(alone.native_id), schedstat(pair.native_id)]
     wanted: float | None = None  # cores the pair ran on or queued for (Linux)
     if stat_before is not None and None not in stats:
         on_cpu = sum(s[0] for s in stats if s) - stat_before[0]

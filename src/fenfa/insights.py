@@ -12,6 +12,8 @@ their batch's span evenly (``TaskRecord.batched`` says how many). Off, it
 costs one attribute check per piece.
 
 ``decision`` is what ``backend="auto"`` chose and why, recorded either way.
+The records it is read out as are :mod:`fenfa.summary`; the timeline that
+draws them, :mod:`fenfa.timeline`.
 """
 
 from __future__ import annotations
@@ -19,138 +21,13 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from .auto import Decision
+from .summary import PieceRecord, Summary, TaskRecord, WorkerLine, worker_name
 
-__all__ = ["Insights", "Summary", "TaskRecord"]
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    """One task: where, when and how it ran. Times are ``time.monotonic`` seconds."""
-
-    index: int
-    call: int  # which call of the pool (1, 2, ...) it belonged to
-    worker: int | str | None  # a dask worker's id is its address
-    pid: int
-    process_name: str
-    thread_name: str
-    backend: str | None
-    submitted: float | None  # when its batch was handed to the backend
-    started: float
-    ended: float
-    cpu: float | None  # CPU seconds (None on the async backend: coroutines share a thread)
-    attempt: int
-    error: str | None  # the exception's type name, if it failed
-    input: str  # short repr of its input
-    batched: int  # tasks that shared this record's span (1: timed alone)
-
-    @property
-    def seconds(self) -> float:
-        return self.ended - self.started
-
-
-@dataclass
-class _Piece:
-    """Consecutive tasks of one batch, reported together (what backends stamp)."""
-
-    call: int
-    start: int
-    count: int
-    who: tuple[int | str | None, int, str, str, str | None]
-    submitted: float | None
-    started: float
-    ended: float
-    cpu: float | None
-    attempt: int
-    error: str | None
-    input: str
-    first_of_batch: bool
-
-
-@dataclass
-class WorkerLine:
-    name: str
-    tasks: int
-    busy: float
-    idle: float
-    failed: int
-
-
-@dataclass
-class Summary:
-    """Per-worker work, dispatch overhead, the slowest tasks, and auto's decision."""
-
-    workers: list[WorkerLine]
-    tasks: int
-    failed: int
-    wall: float
-    dispatch: float | None  # mean seconds from handing a batch over to its first task starting
-    slowest: list[TaskRecord]
-    decision: Decision | None
-
-    def __str__(self) -> str:
-        lines = [
-            f"{self.tasks} tasks, {self.failed} failed, {_seconds(self.wall)} from the first "
-            f"hand-over to the last result"
-            + (f"; mean dispatch {_seconds(self.dispatch)}" if self.dispatch is not None else ""),
-        ]
-        if self.decision is not None:
-            lines.append(f"auto chose {self.decision.backend}: {self.decision.reason}")
-        rows = [("worker", "tasks", "failed", "busy", "idle", "busy %")]
-        for line in self.workers:
-            share = line.busy / (line.busy + line.idle) if line.busy + line.idle else 0.0
-            rows.append(
-                (
-                    line.name,
-                    str(line.tasks),
-                    str(line.failed),
-                    _seconds(line.busy),
-                    _seconds(line.idle),
-                    f"{share:.0%}",
-                )
-            )
-        lines.append(_table(rows))
-        if self.slowest:
-            lines.append("slowest tasks:")
-            for record in self.slowest:
-                shared = f" (1 of {record.batched} timed together)" if record.batched > 1 else ""
-                lines.append(
-                    f"  task {record.index}: {_seconds(record.seconds)}{shared} on "
-                    f"{_worker_name(_who(record))}, input {record.input}"
-                )
-        return "\n".join(lines)
-
-
-def _seconds(value: float) -> str:
-    if value >= 1:
-        return f"{value:.2f} s"
-    if value >= 1e-3:
-        return f"{value * 1e3:.1f} ms"
-    return f"{value * 1e6:.0f} us"
-
-
-def _who(record: TaskRecord) -> tuple[Any, ...]:
-    return (record.worker, record.pid, record.process_name, record.thread_name, record.backend)
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    out = []
-    for number, row in enumerate(rows):
-        out.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        if number == 0:
-            out.append("  ".join("-" * width for width in widths))
-    return "\n".join(out)
-
-
-def _worker_name(who: tuple[Any, ...]) -> str:
-    worker, pid, _process, thread, backend = who
-    label = f"{backend} {worker}" if worker is not None else "caller"
-    return f"{label} (pid {pid})" if backend == "process" else f"{label} (pid {pid}, {thread})"
+__all__ = ["Insights"]
 
 
 class Insights:
@@ -169,7 +46,7 @@ class Insights:
         #: With ``speculate``: (first task index, "first" or "second") for each
         #: piece of a straggler that got a second attempt: which attempt won.
         self.speculations: list[tuple[int, str]] = []
-        self._pieces: list[_Piece] = []
+        self._pieces: list[PieceRecord] = []
         self._raw: list[tuple[Any, ...]] = []  # pieces as recorded, not yet read
         self._lock = threading.Lock()
         self._calls = itertools.count(1)
@@ -216,13 +93,13 @@ class Insights:
 
     # -- reading ----------------------------------------------------------
 
-    def _snapshot(self) -> list[_Piece]:
+    def _snapshot(self) -> list[PieceRecord]:
         with self._lock:
             raw, self._raw = self._raw, []  # (list.append is atomic: no lock to add)
             for call, start, count, times, submitted, attempt, error, text, first in raw:
                 started, ended, cpu, who = times
                 self._pieces.append(
-                    _Piece(
+                    PieceRecord(
                         call,
                         start,
                         count,
@@ -256,7 +133,7 @@ class Insights:
             key = piece.who[1:4]
             line = lines.get(key)
             if line is None:
-                line = lines[key] = WorkerLine(_worker_name(piece.who), 0, 0.0, 0.0, 0)
+                line = lines[key] = WorkerLine(worker_name(piece.who), 0, 0.0, 0.0, 0)
             line.tasks += piece.count
             line.busy += piece.ended - piece.started
             line.failed += piece.count if piece.error else 0
@@ -296,7 +173,7 @@ class Insights:
         return target
 
 
-def _expand(pieces: list[_Piece]) -> Iterator[TaskRecord]:
+def _expand(pieces: list[PieceRecord]) -> Iterator[TaskRecord]:
     for piece in pieces:
         worker, pid, process, thread, backend = piece.who
         step = (piece.ended - piece.started) / piece.count

@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .tasks import current_task_index
+from .batchloop import current_task_index
 
 __all__ = ["RelayHandler", "RelayStream", "deliver_log", "deliver_output", "install", "levels"]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .insights import Summary, _Piece
+    from .summary import PieceRecord, Summary
 
 WIDTH = 1000  # pixels of timeline
 LABEL = 280  # pixels of lane labels
@@ -50,13 +50,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-def _colour(piece: _Piece) -> str:
+def _colour(piece: PieceRecord) -> str:
     if piece.error:
         return FAILED
     return RETRIED if piece.attempt > 1 else OK
 
 
-def _title(piece: _Piece, origin: float) -> str:
+def _title(piece: PieceRecord, origin: float) -> str:
     tasks = (
         f"task {piece.start}"
         if piece.count == 1
@@ -86,7 +86,7 @@ def _lane_label(who: tuple[Any, ...]) -> str:
     return f"{backend} {worker} ({thread})"
 
 
-def _svg(pieces: Sequence[_Piece]) -> tuple[str, int, int]:
+def _svg(pieces: Sequence[PieceRecord]) -> tuple[str, int, int]:
     """The timeline of one run; also how many lanes and bars (aggregates count as one)."""
     if not pieces:
         return "<p class='note'>No tasks were recorded.</p>", 0, 0
@@ -94,7 +94,7 @@ def _svg(pieces: Sequence[_Piece]) -> tuple[str, int, int]:
     end = max(p.ended for p in pieces)
     span = max(end - origin, 1e-9)
     scale = WIDTH / span
-    lanes: dict[tuple[Any, ...], list[_Piece]] = {}
+    lanes: dict[tuple[Any, ...], list[PieceRecord]] = {}
     for piece in pieces:
         lanes.setdefault(piece.who[1:4], []).append(piece)
     order = sorted(lanes, key=lambda key: _lane_label(lanes[key][0].who))
@@ -155,13 +155,13 @@ def _summary_table(summary: Summary) -> str:
     return "<p>" + "<br>".join(facts) + "</p>" + "".join(rows)
 
 
-def _stack(pieces: list[_Piece]) -> list[list[_Piece]]:
+def _stack(pieces: list[PieceRecord]) -> list[list[PieceRecord]]:
     """Pieces of one worker in rows, so that ones running at once (coroutines) do not overlap.
 
     Greedy, by start time: each piece goes to the first row that is free by
     then. At most MAX_ROWS rows; beyond that, the last row takes the rest.
     """
-    rows: list[list[_Piece]] = []
+    rows: list[list[PieceRecord]] = []
     ends: list[float] = []
     for piece in sorted(pieces, key=lambda p: p.started):
         free = [number for number, end in enumerate(ends) if piece.started >= end]
@@ -178,10 +178,10 @@ def _stack(pieces: list[_Piece]) -> list[list[_Piece]]:
     return rows
 
 
-def _draw_row(out: list[str], row: list[_Piece], y: int, origin: float, scale: float) -> int:
+def _draw_row(out: list[str], row: list[PieceRecord], y: int, origin: float, scale: float) -> int:
     """Bars for one row of a lane; returns how many (an aggregate counts as one)."""
     bars = 0
-    group: list[_Piece] = []
+    group: list[PieceRecord] = []
     group_end = -1.0
     for piece in row:
         x0 = LABEL + (piece.started - origin) * scale
@@ -205,7 +205,9 @@ def _draw_row(out: list[str], row: list[_Piece], y: int, origin: float, scale: f
     return bars + _aggregate(out, group, y, origin, scale)
 
 
-def _aggregate(out: list[str], group: list[_Piece], y: int, origin: float, scale: float) -> int:
+def _aggregate(
+    out: list[str], group: list[PieceRecord], y: int, origin: float, scale: float
+) -> int:
     """One faded bar standing for ``group`` (pieces too thin to draw); returns bars drawn."""
     if not group:
         return 0
@@ -227,7 +229,7 @@ def _aggregate(out: list[str], group: list[_Piece], y: int, origin: float, scale
     return 1
 
 
-def render(runs: Sequence[tuple[str, Sequence[_Piece], Summary]]) -> str:
+def render(runs: Sequence[tuple[str, Sequence[PieceRecord], Summary]]) -> str:
     """A whole HTML page: for each run, its summary and its timeline."""
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -237,7 +239,7 @@ def render(runs: Sequence[tuple[str, Sequence[_Piece], Summary]]) -> str:
     )
 
 
-def fragment(runs: Sequence[tuple[str, Sequence[_Piece], Summary]]) -> str:
+def fragment(runs: Sequence[tuple[str, Sequence[PieceRecord], Summary]]) -> str:
     """The same, as a fragment to embed (a notebook cell's output)."""
     body = []
     for title, pieces, summary in runs:

@@ -25,10 +25,11 @@ from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .auto import Decision, completed, probe, unmeasured
+from .chunking import ChunkSizer
 from .errors import short_repr
 from .options import CallOptions
 from .progress import Progress
-from .tasks import Batch, ChunkSizer, Job, Ok, Piece, Style, is_coroutine_function
+from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 
 if TYPE_CHECKING:
     from .backends import Backend

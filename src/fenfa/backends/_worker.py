@@ -27,8 +27,9 @@ from typing import Any
 import cloudpickle
 
 from .. import memory, sharing
+from ..batchloop import Stamper, caller, run_batch
 from ..errors import SerializationError, pack_exception
-from ..tasks import Err, Ok, Piece, Stamper, Style, caller, run_batch
+from ..tasks import Err, Ok, Piece, Style
 from ..worker import set_slot
 from ._protocol import (
     FAST_MODE,

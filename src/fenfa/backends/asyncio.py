@@ -48,45 +48,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..batchloop import attach_traceback, caller, who_runs
 from ..errors import PoolClosed, TaskTimeout
-from ..tasks import (
-    Batch,
-    Err,
-    Job,
-    Ok,
-    Piece,
-    attach_traceback,
-    caller,
-    is_coroutine_function,
-    who_runs,
-)
+from ..tasks import Batch, Err, Job, Ok, Piece, is_coroutine_function
 from ..worker import restore_slot, set_slot
+from .awaiting import run_coroutine
 from .base import Backend
 from .thread import fail_batch
 
 # shutdown(cancel=True): how long running tasks may go on before they are
 # cancelled, as on the thread and process backends (the contract: ~1 s).
 CANCEL_GRACE_SECONDS = 1.0
-
-
-async def run_coroutine(
-    call: Callable[[Any], Any], item: Any, index: int, limit: float | None
-) -> Any:
-    """``await call(item)``, cancelled after ``limit`` seconds with ``TaskTimeout``."""
-    if limit is None:
-        return await call(item)
-    scope = asyncio.timeout(limit)
-    try:
-        async with scope:
-            return await call(item)
-    except TimeoutError:
-        if not scope.expired():
-            raise  # the task's own TimeoutError
-        raise TaskTimeout(
-            f"task {index} ran longer than its timeout of {limit:g} s; it was cancelled",
-            index=index,
-            limit=limit,
-        ) from None
 
 
 class _Queued:
@@ -399,4 +371,4 @@ class AsyncBackend(Backend):
             self._drop(self._queue.popleft(), PoolClosed("the pool was shut down"))
 
 
-__all__ = ["CANCEL_GRACE_SECONDS", "AsyncBackend", "run_coroutine"]
+__all__ = ["CANCEL_GRACE_SECONDS", "AsyncBackend"]

@@ -72,6 +72,7 @@ import dask.utils
 import distributed
 
 from .. import sharing
+from ..batchloop import Stamper, caller, run_batch
 from ..errors import (
     BackendUnavailable,
     PoolClosed,
@@ -81,7 +82,7 @@ from ..errors import (
     pack_exception,
     unpack_exception,
 )
-from ..tasks import Batch, Err, Job, Ok, Piece, Stamper, Style, caller, run_batch
+from ..tasks import Batch, Err, Job, Ok, Piece, Style
 from ..worker import restore_slot, set_slot
 from ._worker import fail_unpicklable
 from .base import Backend

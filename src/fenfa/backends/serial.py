@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..batchloop import attach_traceback, caller, run_batch, stamped
 from ..errors import TaskTimeout
-from ..tasks import Batch, Err, Ok, Piece, attach_traceback, caller, run_batch, stamped
+from ..tasks import Batch, Err, Ok, Piece
 from ..worker import restore_slot, running, set_slot
 from .base import Backend
 from .thread import fail_batch

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import memory
+from ..batchloop import attach_traceback, caller, run_batch, stamped
 from ..errors import PoolClosed, TaskTimeout
-from ..tasks import Batch, Err, Job, Ok, Piece, attach_traceback, caller, run_batch, stamped
+from ..tasks import Batch, Err, Job, Ok, Piece
 from ..worker import running, set_slot
 from .base import Backend
 

@@ -29,9 +29,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .. import journal
+from .._shell import shell
+from .._shell_result import ShellResult, TimedOut, start_guard
 from ..api import imap, imap_unordered
 from ..backends import usable_cores
-from ..shell import ShellResult, TimedOut, shell, start_guard
 from ..worker import current_slot
 from .run_args import DEFAULT_TERMSEQ, MAX_JOBS, Options, UsageError, parse
 from .run_help import HELP, USAGE

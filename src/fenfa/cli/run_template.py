@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ..shell import _direct
+from .._shell import _direct
 from .run_args import UsageError
 
 # -- the template -----------------------------------------------------------------

@@ -1,5 +1,10 @@
 """``fenfa.shell()``: one command in a subprocess, as a task function.
 
+(A private module: the package's ``fenfa.shell`` is this module's function,
+and a submodule of the same name would be set as the package's attribute of
+that name when imported. How a command ends, its result and the guard are
+:mod:`fenfa._shell_result`.)
+
 Every command starts a new session, so it leads its own process group: on a
 timeout, or when the task that waits for it is cancelled, the whole group is
 killed, grandchildren included (``sh -c 'sleep 100 & wait'`` leaves nothing
@@ -18,7 +23,8 @@ pipes) and are waited for with one ``poll`` on the pipes and a pidfd: about
 
 Groups started here are registered with a *guard* while they run: a small
 process that outlives this one only long enough to kill every registered
-group when this process dies, even by SIGKILL (see :func:`start_guard`).
+group when this process dies, even by SIGKILL (see
+:func:`fenfa._shell_result.start_guard`).
 """
 
 from __future__ import annotations
@@ -29,63 +35,26 @@ import os
 import select
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
+from ._shell_result import (
+    ShellResult,
+    TimedOut,
+    drain,
+    guard_add,
+    guard_remove,
+    kill_group,
+    terminate,
+)
 from .worker import current_slot, current_worker
 
-__all__ = ["ShellResult", "shell", "start_guard"]
+__all__ = ["shell"]
 
 # How often a waiting shell() looks whether its task was given up.
 CANCEL_POLL_SECONDS = 0.05
-
-
-@dataclass(frozen=True)
-class ShellResult:
-    """What a command did: ``args``, ``returncode``, ``stdout``, ``stderr`` (bytes), ``duration``.
-
-    ``returncode`` is negative when a signal ended the command (as in
-    ``subprocess``); ``signal`` then names it.
-    """
-
-    args: str | list[str]
-    returncode: int
-    stdout: bytes = field(repr=False)
-    stderr: bytes = field(repr=False)
-    duration: float
-
-    @property
-    def text(self) -> str:
-        """``stdout`` decoded (UTF-8, undecodable bytes replaced)."""
-        return self.stdout.decode("utf-8", "replace")
-
-    @property
-    def error_text(self) -> str:
-        return self.stderr.decode("utf-8", "replace")
-
-    @property
-    def signal(self) -> int | None:
-        return -self.returncode if self.returncode < 0 else None
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def check_returncode(self) -> None:
-        if self.returncode:
-            raise subprocess.CalledProcessError(
-                self.returncode, self.args, self.stdout, self.stderr
-            )
-
-
-def kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def shell(
@@ -132,7 +101,7 @@ def shell(
         start_new_session=True,
     )
     pgid = process.pid  # a new session: its leader's pid is the group's id
-    _guard_add(pgid)
+    guard_add(pgid)
     try:
         stdout, stderr = _wait(process, data, timeout, start)
     except BaseException:
@@ -141,7 +110,7 @@ def shell(
             process.communicate(timeout=1)
         raise
     finally:
-        _guard_remove(pgid)
+        guard_remove(pgid)
     # The leader is done; anything it left running in its group goes too.
     kill_group(pgid)
     result = ShellResult(args, process.returncode, stdout, stderr, time.monotonic() - start)
@@ -237,7 +206,7 @@ def _spawned(
         raise
     os.close(out_w)
     os.close(err_w)
-    _guard_add(pid)
+    guard_add(pid)
     chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
     pidfd = -1
     status: int | None = None
@@ -253,9 +222,9 @@ def _spawned(
         while open_pipes or status is None:
             if timeout is not None and time.monotonic() - start >= timeout:
                 if status is None:
-                    status = _terminate(pid, pidfd, termseq)
+                    status = terminate(pid, pidfd, termseq)
                     for fd in (out_r, err_r):  # what it printed while being stopped
-                        chunks[fd].append(_drain(fd))
+                        chunks[fd].append(drain(fd))
                 raise TimedOut(
                     args, timeout, b"".join(chunks[out_r]), b"".join(chunks[err_r]), status
                 )
@@ -284,44 +253,12 @@ def _spawned(
             os.waitpid(pid, 0)
         raise
     finally:
-        _guard_remove(pid)
+        guard_remove(pid)
         for fd in (out_r, err_r, pidfd):
             if fd >= 0:
                 os.close(fd)
     assert status is not None
     return os.waitstatus_to_exitcode(status), b"".join(chunks[out_r]), b"".join(chunks[err_r])
-
-
-class TimedOut(subprocess.TimeoutExpired):
-    """``TimeoutExpired`` that also says which signal ended the command (None: unknown)."""
-
-    def __init__(
-        self, cmd: str | list[str], timeout: float, stdout: bytes, stderr: bytes, status: int | None
-    ) -> None:
-        super().__init__(cmd, timeout, stdout, stderr)
-        code = os.waitstatus_to_exitcode(status) if status is not None else 0
-        self.signal = -code if code < 0 else None
-
-
-def _terminate(pid: int, pidfd: int, termseq: Sequence[tuple[int, float]]) -> int:
-    """Send ``termseq`` to the group of ``pid`` while it lives, then SIGKILL; reap the leader."""
-    for number, wait in termseq:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, number)
-        if select.select([pidfd], [], [], wait)[0]:
-            break
-    kill_group(pid)
-    return os.waitpid(pid, 0)[1]
-
-
-def _drain(fd: int) -> bytes:
-    """What is left in a pipe whose writers are dead (or, if one lives on, what is there now)."""
-    os.set_blocking(fd, False)
-    data = []
-    with contextlib.suppress(BlockingIOError, OSError):
-        while chunk := os.read(fd, 65536):
-            data.append(chunk)
-    return b"".join(data)
 
 
 def _wait(
@@ -344,74 +281,6 @@ def _wait(
                 raise subprocess.TimeoutExpired(process.args, timeout or 0.0) from None
             if current_worker().cancelled:
                 raise KeyboardInterrupt("the call was given up") from None
-
-
-# -- the guard: kill our groups if we die ---------------------------------------
-
-_guard_lock = threading.Lock()
-_guard_fd: int | None = None
-
-
-def start_guard() -> None:
-    """Start the guard process (once): it kills every registered group when we die.
-
-    It reads ``+pgid`` / ``-pgid`` lines from a pipe only this process
-    writes; end of file means this process is gone, and it kills what is
-    still registered. Costs one small process per run and one short write
-    per command. Call it early, while the process has one thread.
-    """
-    global _guard_fd
-    with _guard_lock:
-        if _guard_fd is not None:
-            return
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the guard
-            try:
-                os.close(write_end)
-                os.setsid()  # out of the caller's group: a Ctrl-C there is not for it
-                _guard_main(read_end)
-            finally:
-                os._exit(0)
-        os.close(read_end)
-        _guard_fd = write_end
-
-
-def _guard_main(read_end: int) -> None:
-    for fd in range(3, 256):  # hold nothing of the caller's open (pipes, sockets)
-        if fd != read_end:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    live: set[int] = set()
-    pending = b""
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.startswith(b"+"):
-                live.add(int(line[1:]))
-            elif line.startswith(b"-"):
-                live.discard(int(line[1:]))
-    for pgid in live:
-        kill_group(pgid)
-
-
-def _guard_send(message: bytes) -> None:
-    fd = _guard_fd
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(fd, message)
-
-
-def _guard_add(pgid: int) -> None:
-    _guard_send(b"+%d\n" % pgid)
-
-
-def _guard_remove(pgid: int) -> None:
-    _guard_send(b"-%d\n" % pgid)
 
 
 if sys.platform == "win32":  # pragma: no cover
