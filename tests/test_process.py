@@ -6,7 +6,9 @@ are the cases the core already has to get right to never hang.
 
 from __future__ import annotations
 
+import functools
 import gc
+import operator
 import os
 import signal
 import threading
@@ -83,6 +85,31 @@ def test_a_killed_worker_fails_only_its_task_and_is_replaced(chunksize: int | No
         assert "SIGKILL" in str(error)
         assert [r for i, r in enumerate(results) if i != 77] == [x for x in range(300) if x != 77]
         assert pool.map(square, range(10)) == [x * x for x in range(10)]
+
+
+def test_the_workers_function_cache_holds_what_its_mirror_says() -> None:
+    """The worker evicts only what the parent names: a drifted mirror costs a resend, not a crash.
+
+    The soak once saw a worker die of ``KeyError`` on a function key: its
+    cache had evicted by its own count a key the parent's mirror still held
+    (a segment released by a finalizer in the middle of a hand-over drops
+    keys from the mirror ahead of the FUNC frame). Here the drift is made
+    by hand: the mirror forgets its newest key, which the worker still holds.
+    """
+    size = _protocol.FUNCTION_CACHE_SIZE
+    with fenfa.Pool("process", 1) as pool:
+        functions = [functools.partial(operator.add, i) for i in range(size)]
+        for i, fn in enumerate(functions):
+            assert pool.map(fn, [1], chunksize=1) == [i + 1]
+        backend = pool._backend
+        assert backend is not None
+        (worker,) = backend._workers.values()  # type: ignore[attr-defined]
+        pid = worker.process.pid
+        worker.functions.popitem(last=True)
+        assert pool.map(functools.partial(operator.add, 1000), [1]) == [1001]
+        # The oldest function: the mirror still holds it, so it is not resent.
+        assert pool.map(functions[0], [1]) == [1]
+        assert [w.process.pid for w in backend._workers.values()] == [pid]  # type: ignore[attr-defined]
 
 
 def test_an_exit_code_is_reported() -> None:

@@ -103,10 +103,18 @@ class WorkerHandle:
         if key in self.functions:
             self.functions.move_to_end(key)
         else:
+            # The worker keeps exactly what this mirror says: it evicts only
+            # the key named here, never by its own count. Its cache and this
+            # mirror could otherwise drift apart (a segment released by a
+            # finalizer that runs in the middle of this, while the lock is
+            # held, drops keys before the FUNC goes out), and the worker
+            # would be asked for a function it had evicted (the soak saw a
+            # KeyError kill a worker that way).
             self.functions[key] = None
+            evicted = None
             if len(self.functions) > FUNCTION_CACHE_SIZE:
-                self.functions.popitem(last=False)
-            self.outbox.put(frame(FUNC, (key,), data))
+                evicted, _ = self.functions.popitem(last=False)
+            self.outbox.put(frame(FUNC, (key, evicted), data))
 
     def deadline(self) -> float | None:
         """When the running task's timeout expires; before it has started, a grace."""

@@ -20,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,6 @@ from ._protocol import (
     FAST_MODE,
     FORGET,
     FUNC,
-    FUNCTION_CACHE_SIZE,
     INIT_FAILED,
     LOG,
     MARKED_MODE,
@@ -334,7 +332,7 @@ def worker_main(
             send(frame(INIT_FAILED, pack_exception(exc)))
             return
     send(frame(READY, None))
-    functions: OrderedDict[bytes, Callable[..., Any] | BaseException] = OrderedDict()
+    functions: dict[bytes, Callable[..., Any] | BaseException] = {}
     budget = max_tasks
     while True:
         try:
@@ -344,7 +342,9 @@ def worker_main(
             return  # the parent is gone
         kind, header, body = unframe(message)
         if kind == FUNC:
-            (key,) = header
+            # The parent decides what this cache holds: it names the key to
+            # evict (its mirror's oldest), so the two can never disagree.
+            key, evicted = header
             try:
                 functions[key] = cloudpickle.loads(body)
             except BaseException as exc:
@@ -353,8 +353,8 @@ def worker_main(
                     f"{type(exc).__name__}: {exc}",
                     what="function",
                 )
-            if len(functions) > FUNCTION_CACHE_SIZE:
-                functions.popitem(last=False)
+            if evicted is not None:
+                functions.pop(evicted, None)
             continue
         if kind == FORGET:
             paths, keys = header
@@ -366,7 +366,6 @@ def worker_main(
             return
         key = header[1]
         fn = functions[key]
-        functions.move_to_end(key)
         ran = _serve_batch(send, fn, header, body, budget, marks)
         if budget is not None:
             budget -= ran
