@@ -74,3 +74,23 @@ def test_the_package_pickles_by_name() -> None:
 
     assert pickle.loads(pickle.dumps(fenfa)) is fenfa
     assert pickle.loads(cloudpickle.dumps(fenfa)) is fenfa
+
+
+@pytest.mark.timeout(60)
+def test_fenfa_shell_stays_the_function_once_fenfa_run_is_imported() -> None:
+    """``fenfa run`` imports the module behind ``fenfa.shell``: that must not replace it."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import fenfa, fenfa.cli.run, fenfa._shell, types\n"
+            "assert type(fenfa) is types.ModuleType, type(fenfa)\n"
+            "assert callable(fenfa.shell) and fenfa.shell.__name__ == 'shell', fenfa.shell\n"
+            "print(fenfa.shell('echo ok').text, end='')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout == "ok\n"
