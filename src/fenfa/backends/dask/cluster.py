@@ -13,6 +13,7 @@ wait, never a hang or a traceback from distributed's IO loop.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 import dask.config
@@ -23,6 +24,9 @@ from ...errors import BackendUnavailable
 
 # How long closing the client and a local cluster may take before giving up.
 CLOSE_TIMEOUT_SECONDS = 10.0
+# The most a dask server's first message (its handshake: a few hundred bytes
+# of versions and options) may announce; anything larger is not dask talking.
+HANDSHAKE_BYTES = 1 << 20
 
 
 def local_cluster(workers: int, **options: Any) -> Any:
@@ -49,17 +53,30 @@ def configured_address() -> str | None:
 
 
 def _check_reachable(address: str, wait: Any) -> None:
-    """Raise OSError if nothing listens at a ``tcp://host:port`` scheduler address.
+    """Raise OSError unless a dask server answers at a ``tcp://host:port`` address.
 
     Checked with a plain socket before a Client is made: a Client that cannot
-    connect leaves distributed's IO-loop thread running behind its error.
+    connect leaves distributed's IO-loop thread running behind its error, and
+    one that reaches something else (a proxy, a web server) reads its reply
+    as a message length (an HTTP reply asks for exabytes: a MemoryError) and
+    then spends seconds closing. A dask server speaks first, its handshake:
+    one message, led by its length in 8 bytes. (The scheduler logs, at
+    INFO, a connection closed before the handshake completed.)
     """
     if not address.startswith("tcp://"):
         return
     host, _, port = address[len("tcp://") :].rpartition(":")
     seconds = dask.utils.parse_timedelta(wait, default="s")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
-        pass
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds) as probe:
+        header = b""
+        while len(header) < 8:
+            chunk = probe.recv(8 - len(header))
+            if not chunk:
+                raise OSError("the connection was closed without a dask handshake")
+            header += chunk
+    size = int.from_bytes(header, sys.byteorder)
+    if not 0 < size <= HANDSHAKE_BYTES:
+        raise OSError(f"what answered is not a dask server (it began with {header!r})")
 
 
 def connect(address: str, *, check: bool = True) -> Any:
