@@ -33,6 +33,11 @@ DASK = str(Path(sys.executable).parent / "dask")
 # Starting a scheduler and two workers takes a few seconds on a busy machine.
 START_SECONDS = 60.0
 LOCAL = ["--host", "127.0.0.1", "--no-dashboard"]
+DASK_RUN = ["--backend", "dask", "--address"]
+
+
+def journal_options(root: Path) -> list[str]:
+    return ["--results", str(root / "results.jsonl"), "--joblog", str(root / "joblog")]
 
 
 @dataclass
@@ -53,8 +58,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A ``dask scheduler`` and workers w1, w2 (two threads each), torn down after."""
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A ``dask scheduler`` and workers w1, w2 (two threads each), torn down after.
+
+    Parametrized indirectly, the parameter is the scheduler's extra environment.
+    """
+    scheduler_env = {**os.environ, **getattr(request, "param", {})}
     processes: list[subprocess.Popen[bytes]] = []
     scheduler_file = tmp_path / "scheduler.json"
     try:
@@ -70,6 +79,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                         "--scheduler-file",
                         str(scheduler_file),
                     ],
+                    env=scheduler_env,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                 )
@@ -128,12 +138,30 @@ def joblog_seqs(path: Path) -> list[int]:
     return [int(line.split("\t")[0]) for line in lines if line]
 
 
+def child_job(root: Path, before: str = "") -> Path:
+    """A job script: ``before``, then a child ``sleep 300`` named in ``child-INPUT``, waited for."""
+    job = root / "job.sh"
+    job.write_text(
+        f"{before}sleep 300 &\necho $! > {root}/child-$1.tmp\n"
+        f"mv {root}/child-$1.tmp {root}/child-$1\nwait\n"
+    )
+    return job
+
+
+def assert_children_gone(root: Path, inputs: str) -> None:
+    for n in inputs:
+        child = int((root / f"child-{n}").read_text())
+        wait_for(lambda c=child: gone(c), f"job {n}'s child sleep {child} to be gone", 15)
+
+
 # -- on a cluster ----------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_a_worker_killed_mid_run_loses_no_job_and_records_none_twice(cluster: Cluster) -> None:
+def _kill_w1_mid_run(cluster: Cluster, inputs: list[str], *options: str) -> tuple[int, list[str]]:
+    """Run gated jobs, SIGKILL w1 while it runs two, release: fenfa's status, w1's jobs.
+
+    Each job appends its worker's name to ``marks/INPUT``, then waits for ``release``.
+    """
     root = cluster.root
     (root / "marks").mkdir()
     job = root / "job.sh"
@@ -142,9 +170,7 @@ def test_a_worker_killed_mid_run_loses_no_job_and_records_none_twice(cluster: Cl
         f"while [ ! -e {root}/release ]; do sleep 0.01; done\n"
         'echo "job $1 done"\n'
     )
-    inputs = [str(n) for n in range(1, 41)]
-    journal = ["--results", str(root / "results.jsonl"), "--joblog", str(root / "joblog")]
-    command = ["--backend", "dask", "--address", cluster.address, "-j", "4", *journal]
+    command = [*DASK_RUN, cluster.address, "-j", "4", *journal_options(root), *options]
     with open(root / "out", "wb") as out, open(root / "err", "wb") as err:
         fenfa = subprocess.Popen(
             [*FENFA, *command, "sh", str(job), ":::", *inputs], cwd=root, stdout=out, stderr=err
@@ -159,11 +185,20 @@ def test_a_worker_killed_mid_run_loses_no_job_and_records_none_twice(cluster: Cl
         cluster.workers["w1"].send_signal(signal.SIGKILL)
         cluster.workers["w1"].wait()
         (root / "release").touch()
-        assert fenfa.wait(timeout=120) == 0, (root / "err").read_text()
+        return fenfa.wait(timeout=120), killed
     finally:
         if fenfa.poll() is None:
             fenfa.kill()
             fenfa.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_worker_killed_mid_run_loses_no_job_and_records_none_twice(cluster: Cluster) -> None:
+    root = cluster.root
+    inputs = [str(n) for n in range(1, 41)]
+    status, killed = _kill_w1_mid_run(cluster, inputs)
+    assert status == 0, (root / "err").read_text()
     # Every job's output once, in the journals and on stdout; none recorded twice.
     done = records(root / "results.jsonl")
     assert sorted(r["seq"] for r in done) == list(range(1, 41))
@@ -179,7 +214,8 @@ def test_a_worker_killed_mid_run_loses_no_job_and_records_none_twice(cluster: Cl
     # --resume: nothing runs again, nothing is added.
     marks = {p.name: p.read_text() for p in (root / "marks").iterdir()}
     journals = (root / "results.jsonl").read_text(), (root / "joblog").read_text()
-    again = fenfa_run(*command, "--resume", "sh", str(job), ":::", *inputs, cwd=root)
+    command = [*DASK_RUN, cluster.address, *journal_options(root), "--resume"]
+    again = fenfa_run(*command, "sh", str(root / "job.sh"), ":::", *inputs, cwd=root)
     assert again.returncode == 0, again.stderr
     assert again.stdout == ""
     assert {p.name: p.read_text() for p in (root / "marks").iterdir()} == marks
@@ -188,13 +224,34 @@ def test_a_worker_killed_mid_run_loses_no_job_and_records_none_twice(cluster: Cl
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "cluster", [{"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}], indirect=True
+)
+def test_when_dask_gives_up_on_a_dead_worker_retries_run_the_job_elsewhere(
+    cluster: Cluster,
+) -> None:
+    """With allowed-failures 0 the scheduler gives up at once: the attempt fails, and
+    --retries 2 (two attempts in all) runs it again, on the worker left."""
+    root = cluster.root
+    inputs = [str(n) for n in range(1, 9)]
+    status, killed = _kill_w1_mid_run(cluster, inputs, "--retries", "2")
+    assert status == 0, (root / "err").read_text()
+    done = records(root / "results.jsonl")
+    assert sorted(r["seq"] for r in done) == list(range(1, 9))
+    assert all(r["stdout"] == f"job {r['input'][0]} done\n" and r["exit"] == 0 for r in done)
+    assert {r["input"][0] for r in done if r["attempt"] == 2} == set(killed)
+    attempts = Counter(joblog_seqs(root / "joblog"))
+    assert {str(seq) for seq, n in attempts.items() if n == 2} == set(killed)
+    assert sum(attempts.values()) == 8 + len(killed)
+    for name in killed:
+        assert (root / "marks" / name).read_text() == "w1\nw2\n", name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_timeout_kills_the_jobs_process_group_on_the_worker(cluster: Cluster) -> None:
     root = cluster.root
-    job = root / "job.sh"
-    job.write_text(
-        f'echo "$FENFA_TEST_WORKER" > {root}/where-$1\n'
-        f"sleep 300 &\necho $! > {root}/child-$1\nwait\n"
-    )
+    job = child_job(root, before=f'echo "$FENFA_TEST_WORKER" > {root}/where-$1\n')
     results = root / "results.jsonl"
     begin = time.monotonic()
     done = fenfa_run(
@@ -206,10 +263,49 @@ def test_timeout_kills_the_jobs_process_group_on_the_worker(cluster: Cluster) ->
     assert time.monotonic() - begin < 60
     assert done.stderr.count("This job was killed because it timed out") == 3
     assert all(r["timed_out"] and r["exit"] == -1 for r in records(results))
-    for n in "123":
-        assert (root / f"where-{n}").read_text().strip() in cluster.workers
-        child = int((root / f"child-{n}").read_text())
-        wait_for(lambda c=child: gone(c), f"job {n}'s child sleep {child} to be gone", 5)
+    assert all((root / f"where-{n}").read_text().strip() in cluster.workers for n in "123")
+    assert_children_gone(root, "123")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_killed_fenfa_run_leaves_no_job_running_on_the_workers(cluster: Cluster) -> None:
+    """SIGKILL: no cleanup here; the scheduler sees the client gone and lets its
+    tasks go, and each worker kills the process group of the job it was running."""
+    root = cluster.root
+    job = child_job(root)
+    fenfa = subprocess.Popen(
+        [*FENFA, *DASK_RUN, cluster.address, "-j", "4", "sh", str(job), ":::", "1", "2", "3"],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        children = [root / f"child-{n}" for n in "123"]
+        wait_for(lambda: all(p.exists() for p in children), "the jobs' children", START_SECONDS)
+    finally:
+        fenfa.send_signal(signal.SIGKILL)
+        fenfa.wait()
+    assert_children_gone(root, "123")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_halt_now_kills_the_jobs_running_on_the_workers(cluster: Cluster) -> None:
+    root = cluster.root
+    job = child_job(
+        root,
+        before=f'if [ "$1" = fail ]; then\n'
+        f"  while [ ! -e {root}/child-a ] || [ ! -e {root}/child-b ]; do sleep 0.01; done\n"
+        "  exit 3\nfi\n",
+    )
+    done = fenfa_run(
+        *(*DASK_RUN, cluster.address, "-j", "3", "--halt", "now,fail=1"),
+        *("sh", str(job), ":::", "a", "b", "fail"),
+        cwd=root,
+    )
+    assert done.returncode == 3, done.stderr  # (the failing job's own status)
+    assert_children_gone(root, "ab")
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ has threads, each in the worker's working directory.
   a one-line reason) and ``--retries`` runs it again. The jobs a dead worker
   was running are killed by the guard of that worker (:func:`start_guard`),
   even when the worker was SIGKILLed.
-- Giving up (``--halt now``, Ctrl-C): the job's task is cancelled, so a job
-  not yet started never starts; one already running goes on to its end on its
-  worker (a dask task is a thread: nothing reaches it), its timeout still kept.
+- Giving up (``--halt now``, Ctrl-C, ``fenfa run`` killed): the job's task is
+  let go, so a job not yet started never starts, and one running is killed
+  on its worker (its process group), as a local job would be.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..shell import ShellResult, TimedOut, shell, start_guard
-from ..worker import current_slot
+from ..worker import current_slot, restore_slot, running, set_slot
 from .run_args import Options, UsageError
 
 # How often a thread waiting for its job looks whether the run was given up
@@ -45,18 +45,50 @@ class JobLost(OSError):
     """The job's dask task ended without a result: its workers died, or it was lost."""
 
 
-def run_on_worker(cmd: str | list[str], options: dict[str, Any]) -> ShellResult | Exception:
+class _Task:
+    """A job's dask task, as ``shell()`` watches a thread's job: ``cancelled`` once let go.
+
+    The client lets a task go when the run gives it up (``--halt now``,
+    Ctrl-C) or when the client itself is gone (``fenfa run`` killed, even by
+    SIGKILL: the scheduler sees the connection close); the worker then marks
+    the running task cancelled, which this reads on the worker's own state.
+    """
+
+    __slots__ = ("_key", "_tasks")
+
+    def __init__(self) -> None:
+        from distributed import get_worker
+
+        worker = get_worker()
+        self._key = worker.get_current_task()
+        self._tasks = worker.state.tasks
+
+    @property
+    def cancelled(self) -> bool:
+        task = self._tasks.get(self._key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+
+def run_on_worker(cmd: str | list[str], options: dict[str, Any]) -> ShellResult | Exception | None:
     """One attempt of a job, in a dask worker: ``shell(cmd, **options)``, or what it raised.
 
     What ``shell()`` raises for the job (a timeout, a command that cannot
     start) is returned, not raised, so that it reaches the caller as the
-    same exception, not as a failed dask task.
+    same exception, not as a failed dask task. The command runs as on a
+    thread of the local runner, whose ``shell()`` kills the job's process
+    group when its task is given up; None then (nobody waits for it).
     """
     start_guard()  # (once per worker process: its jobs die with it)
+    previous = set_slot(None, "thread", {})
+    running(_Task())
     try:
         return shell(cmd, **options)
     except (TimedOut, OSError, ValueError) as exc:
         return exc
+    except KeyboardInterrupt:  # (shell()'s word for "given up": never a dask task's)
+        return None
+    finally:
+        restore_slot(previous)
 
 
 class DaskShell:
