@@ -120,6 +120,8 @@ class DaskShell:
             raise JobLost(errno.EHOSTDOWN, _lost(exc)) from exc
         if isinstance(outcome, Exception):
             raise outcome
+        if outcome is None:  # (its worker let the task go while it ran: closing, say)
+            raise JobLost(errno.EHOSTDOWN, "its dask task was stopped on its worker")
         assert isinstance(outcome, ShellResult)
         return outcome
 
