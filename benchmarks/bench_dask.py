@@ -34,7 +34,7 @@ import distributed
 
 import fenfa
 import harness
-from fenfa.backends.dask import local_cluster
+from fenfa.backends.dask.cluster import local_cluster
 
 TINY_GOAL = 2.0  # fenfa at least this many times faster than client.map
 CPU_GOAL = 1.10  # fenfa at most this many times client.map's time

@@ -222,7 +222,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
 def dask_cluster() -> Iterator[str]:
     """The address of a 2-worker dask ``LocalCluster`` (processes, one thread each)."""
     pytest.importorskip("distributed")
-    from fenfa.backends.dask import local_cluster
+    from fenfa.backends.dask.cluster import local_cluster
 
     with local_cluster(2) as cluster:
         yield cluster.scheduler_address

@@ -246,7 +246,7 @@ def test_share_handles_are_scattered_once(pool: fenfa.Pool) -> None:
         backend = pool._backend
         assert isinstance(backend, DaskBackend)
         # A task's bytes carry the handle's id, not its megabyte.
-        encoded, used = backend._encode([(handle, 1)] * 100, {}, function=False)
+        encoded, used = backend._sender.encode([(handle, 1)] * 100, {}, function=False)
         assert len(encoded) < 2_000
         assert len(used) == 1
 
@@ -260,13 +260,14 @@ def test_large_arrays_are_scattered_once_per_call(
     backend = pool._backend
     assert isinstance(backend, DaskBackend)
     scattered: list[int] = []
-    scatter = backend._scatter
+    sender = backend._sender  # (what a call scatters once: backends/dask/sending.py)
+    scatter = sender._scatter
 
     def counting(value: Any) -> Any:
         scattered.append(int(getattr(value, "nbytes", len(value))))
         return scatter(value)
 
-    monkeypatch.setattr(backend, "_scatter", counting)
+    monkeypatch.setattr(sender, "_scatter", counting)
     expected = [float(big[x]) + x for x in range(40)]
     assert pool.map(pick, [big] * 40, range(40), chunksize=1) == expected
     assert scattered == [big.nbytes]
@@ -309,7 +310,8 @@ def test_address_option_is_checked() -> None:
 
 
 def test_backend_unavailable_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "fenfa.backends.dask")
+    for name in [n for n in sys.modules if n.startswith("fenfa.backends.dask")]:
+        monkeypatch.delitem(sys.modules, name)  # (the package and its modules, imported anew)
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(fenfa.BackendUnavailable, match=r"pip install fenfa\[dask\]"):
         fenfa.Pool("dask", 1)

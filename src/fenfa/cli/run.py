@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .. import journal
@@ -122,7 +122,10 @@ def _done_keys(options: Options) -> set[str]:
 class Runner:
     """Runs the jobs, writes the journals, tells the caller's loop what happened."""
 
-    def __init__(self, options: Options, template: Template) -> None:
+    def __init__(
+        self, options: Options, template: Template, run_command: Callable[..., ShellResult] = shell
+    ) -> None:
+        self.shell = run_command  # fenfa.shell, or the same on a dask worker (run_dask)
         self.options = options
         self.template = template
         self.joblog = self.results = None
@@ -148,6 +151,9 @@ class Runner:
         for log in (self.joblog, self.results):
             if log is not None:
                 log.close()
+        close = getattr(self.shell, "close", None)  # (run_dask's: its client)
+        if close is not None:
+            close()
 
     def run_job(self, job: Job) -> Done:
         """A task on a worker thread: every attempt, journaled as it ends."""
@@ -165,7 +171,7 @@ class Runner:
             start = time.time()
             error = timed_out = None
             try:
-                result: ShellResult | None = shell(
+                result: ShellResult | None = self.shell(
                     argv, timeout=self.options.timeout, termseq=self.termseq
                 )
             except TimedOut as exc:
@@ -336,7 +342,13 @@ def _run(options: Options, template: Template, jobs: Iterator[Job], workers: int
         for job in jobs:
             print((job.template or template).render(job.values, job.seq, 1))
         return 0
-    runner = Runner(options, template)  # (the journals: refused before any job runs)
+    run_command: Callable[..., ShellResult] = shell
+    if options.backend == "dask" or options.address is not None:
+        from . import run_dask  # (each job's command on a dask worker)
+
+        remote = run_dask.connect(options)  # (unreachable: a usage error, nothing run)
+        run_command, workers = remote, workers if options.jobs is not None else remote.threads
+    runner = Runner(options, template, run_command)  # (the journals: refused before any job runs)
     try:
         skip = _done_keys(options) if options.resume else set()
     except BaseException:

@@ -43,6 +43,8 @@ class Source:
 
 @dataclass
 class Options:
+    backend: str = "local"  # --backend dask: each job's command on a dask worker (run_dask)
+    address: str | None = None  # --address: its scheduler (else DASK_SCHEDULER_ADDRESS)
     jobs: int | None = None  # None: usable cores; 0: one per input (up to MAX_JOBS)
     keep_order: bool = False
     timeout: float | None = None
@@ -91,6 +93,10 @@ _SHORT_FLAGS = {name[1] for name in _FLAGS if len(name) == 2}
 _SHORT_VALUED = {name[1] for name in _VALUED if len(name) == 2}
 # GNU parallel's default --termseq: TERM, 200 ms, TERM, 100 ms, TERM, 50 ms, KILL.
 DEFAULT_TERMSEQ = [(15, 0.2), (15, 0.1), (15, 0.05), (9, 0.025)]
+# Where the jobs run: here (the default), or on a dask cluster (see run_dask).
+_WHERE = {"--backend": "backend", "--address": "address"}
+BACKENDS = ("local", "dask")
+_VALUED.update(_WHERE)
 
 
 def parse(argv: Sequence[str]) -> Options:
@@ -171,6 +177,9 @@ def _flag(options: Options, name: str) -> None:
 
 
 def _set(options: Options, what: str, name: str, value: str, arg_files: list[str]) -> None:
+    if what in _WHERE.values():
+        _where(options, what, value)
+        return
     try:
         if what == "jobs":
             options.jobs = jobs_from(value, usable_cores())
@@ -251,3 +260,11 @@ def _parse_termseq(value: str) -> list[tuple[int, float]]:
 
 def _unescape(value: str) -> str:
     return {"\\n": "\n", "\\t": "\t", "\\0": "\0", "\\r": "\r"}.get(value, value)
+
+
+def _where(options: Options, what: str, value: str) -> None:
+    if what == "backend" and value not in BACKENDS:
+        raise UsageError(f"unknown --backend {value!r} (choose {' or '.join(BACKENDS)})")
+    if what == "address" and not value:
+        raise UsageError("--address needs the dask scheduler's address (tcp://HOST:PORT)")
+    setattr(options, what, value)

@@ -63,6 +63,10 @@ Options:
 A journal (--joblog, --results) is appended to only if it is new, empty, or
 already one of its kind; anything else is refused. New ones are created 0600.
 
+On a Dask cluster (docs/dask.md), -j being the jobs in flight across it:
+  --backend dask        run each job's command on a dask worker (local: here)
+  --address ADDR        its scheduler, tcp://HOST:PORT (default: $DASK_SCHEDULER_ADDRESS)
+
 Examples:
   fenfa run -j 4 'convert {} {.}.png' ::: *.jpg
   find . -name '*.log' -print0 | fenfa run -0 -X gzip
