@@ -88,6 +88,13 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def kill_and_reap(pid: int, status: int | None) -> None:
+    """A command given up: its group killed, its leader reaped unless it already was."""
+    kill_group(pid)
+    if status is None:
+        os.waitpid(pid, 0)
+
+
 def shell(
     cmd: str | Sequence[str],
     *,
@@ -279,9 +286,7 @@ def _spawned(
                     poller.unregister(fd)
                     open_pipes -= 1
     except BaseException:
-        kill_group(pid)
-        if status is None:
-            os.waitpid(pid, 0)
+        kill_and_reap(pid, status)
         raise
     finally:
         _guard_remove(pid)
