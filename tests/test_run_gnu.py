@@ -96,6 +96,7 @@ CASES = [
     ["--tagstring", "{2}:{1/}", "--tag", "echo", ":::", "d/a", ":::", "x"],
     ["--line-buffer", "echo", ":::", "a", "b", "c"],
     ["--line-buffer", "--tag", "printf '1\\n2\\n3'", ":::", "a", "b"],
+    ["--line-buffer", "--timeout", "0.5", "printf 'a\\nb{}'; sleep 3", ":::", "x"],
     ["-j1", "-u", "printf '{}\\n'", ":::", "a", "b"],
     ["-j1", "-u", "--tag", "echo", ":::", "a"],  # (--tag does nothing with -u, as in GNU)
     # Quoting, pacing, where and how jobs start.

@@ -311,6 +311,8 @@ def _run(options: Options, template: Template, jobs: Iterator[Job], workers: int
         runner.printer.queued(job for job in jobs if job.key not in skip),
         backend="thread",
         workers=workers,
+        # (--pipe: each job holds a block of up to --block bytes; a few per worker)
+        window=2 * workers if options.pipe else None,
         progress=_progress(options),
         on_error="raise",
     )

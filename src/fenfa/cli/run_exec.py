@@ -133,6 +133,8 @@ def _wait(
                     status = _terminate(pid, pidfd, termseq)
                     for fd in pipes:
                         chunks[fd].append(_drain(fd))
+                        if sink is not None and (pending[fd] or chunks[fd][-1]):
+                            sink(pending[fd] + chunks[fd].pop(), fd == err_fd)
                 out, err = (b"".join(chunks.get(fd, [])) for fd in (out_fd, err_fd))
                 raise TimedOut(list(process.args), timeout, out, err, status)  # type: ignore[arg-type]
             if watch and _cancelled():

@@ -63,7 +63,7 @@ def blocks(options: Options) -> Iterator[bytes]:
         if options.max_args is not None:
             yield from _records(stream, options.max_args, boundary)
         else:
-            yield from _sized(stream, options.block, boundary)
+            yield from _sized(stream, options.block, boundary, (recend, recstart))
     finally:
         if path != "-":
             stream.close()
@@ -78,23 +78,30 @@ def _ends(buffer: bytes, boundary: re.Pattern[bytes], start: int = 0) -> Iterato
 
 def _records(stream: BinaryIO, count: int, boundary: re.Pattern[bytes]) -> Iterator[bytes]:
     buffer = b""
+    found = scanned = 0  # record ends seen in the buffer, and up to where
     while True:
         chunk = stream.read(READ_SIZE)
         buffer += chunk
         while True:  # every whole block of `count` records in the buffer
-            ends = _ends(buffer, boundary)
-            end = next((e for n, e in enumerate(ends, 1) if n == count), None)
-            if end is None:
+            end = None
+            for end in _ends(buffer, boundary, scanned):
+                found, scanned = found + 1, end
+                if found == count:
+                    break
+            if found < count:
                 break
+            assert end is not None
             yield buffer[:end]
-            buffer = buffer[end:]
+            buffer, found, scanned = buffer[end:], 0, 0
         if not chunk:
             if buffer:
                 yield buffer
             return
 
 
-def _sized(stream: BinaryIO, size: int, boundary: re.Pattern[bytes]) -> Iterator[bytes]:
+def _sized(
+    stream: BinaryIO, size: int, boundary: re.Pattern[bytes], separators: tuple[bytes, bytes]
+) -> Iterator[bytes]:
     buffer = b""
     eof = False
     lookahead = len(boundary.pattern)  # (enough to see a --recstart past the block's end)
@@ -108,12 +115,9 @@ def _sized(stream: BinaryIO, size: int, boundary: re.Pattern[bytes]) -> Iterator
                 yield buffer
             return
         # The last record end within `size` bytes; if none, the first one after.
-        cut = 0
-        for end in _ends(buffer, boundary):
-            if end > size:
-                cut = cut or end
-                break
-            cut = end
+        cut = _last_end(buffer, size, *separators)
+        if not cut:
+            cut = next(_ends(buffer, boundary, max(0, size - len(separators[0]) + 1)), 0)
         if not cut:
             if eof:
                 yield buffer
@@ -124,6 +128,19 @@ def _sized(stream: BinaryIO, size: int, boundary: re.Pattern[bytes]) -> Iterator
             continue
         yield buffer[:cut]
         buffer = buffer[cut:]
+
+
+def _last_end(buffer: bytes, size: int, recend: bytes, recstart: bytes) -> int:
+    """The last record end at or before ``size`` (0: none), found from the end, in C."""
+    if not recend:  # (records start at --recstart: an end is where one starts)
+        return max(0, buffer.rfind(recstart, 1, size + len(recstart)))
+    high = size
+    while (found := buffer.rfind(recend, 0, high)) >= 0:
+        end = found + len(recend)
+        if buffer.startswith(recstart, end):
+            return end
+        high = end - 1
+    return 0
 
 
 def _parts(path: str, size: int, boundary: re.Pattern[bytes]) -> Iterator[bytes]:
