@@ -26,20 +26,22 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import journal
 from ..api import imap, imap_unordered
 from ..backends import usable_cores
 from ..shell import ShellResult, TimedOut, shell, start_guard
 from ..worker import current_slot
-from .run_args import DEFAULT_TERMSEQ, MAX_JOBS, Options, UsageError, parse
-from .run_exec import Evicted, Gate, execute
+from .run_args import DEFAULT_TERMSEQ, MAX_JOBS, Evicted, Options, UsageError, parse
 from .run_help import HELP, USAGE
 from .run_inputs import Packer, name_fields, packed, records
 from .run_journal import JOBLOG, JOBLOG_HEADER, RESULTS, done_keys, joblog_line, results_record
 from .run_output import Printer, ResultsDir
-from .run_pipe import block_key, blocks
 from .run_template import Template, choose_shell, has_fields, quote_words, render
+
+if TYPE_CHECKING:
+    from .run_exec import Gate
 
 MAX_EXIT = 101
 BAD_USAGE = 255
@@ -125,6 +127,8 @@ class Runner:
         self.running = 0  # jobs between their start and their last attempt's end
         gated = options.delay or options.memfree is not None or options.load is not None
         if gated:
+            from .run_exec import Gate  # (imported only when an option needs it)
+
             self.gate = Gate(options, self.termseq)
         # Off the plain path (fenfa.shell, whose per-job cost is measured) only
         # when an option needs more of the job's process than its whole output.
@@ -143,6 +147,8 @@ class Runner:
 
     def _general(self, argv: list[str], job: Job, slot: int) -> ShellResult:
         sink = self.printer.sink(job, slot) if self.options.line_buffer else None
+        from .run_exec import execute  # (imported only off the plain path)
+
         return execute(argv, self.options, self.termseq, job.stdin, sink, self.gate)
 
     def run_job(self, job: Job) -> Done:
@@ -243,6 +249,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         workers = _workers(options)
         if options.pipe:  # (a job's input is its block on stdin, not in the command)
+            from .run_pipe import block_key, blocks
+
             template = Template(text, 0, shell_path)
             jobs = (
                 Job(seq, (), journal.job_key(text, block_key(block)), stdin=block)

@@ -33,6 +33,10 @@ class UsageError(Exception):
     """Bad usage: printed on one line, exit status 255."""
 
 
+class Evicted(Exception):
+    """A job stopped for --memfree: it runs again, and not as one of its --retries."""
+
+
 @dataclass
 class Source:
     """One input group as given: ``:::`` values, or ``::::`` files to read (``-`` is stdin)."""

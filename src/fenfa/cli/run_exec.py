@@ -41,16 +41,12 @@ from ..shell import (
     kill_group,
 )
 from ..worker import current_slot, current_worker
-from .run_args import Options
+from .run_args import Evicted, Options
 
 # How often a job waiting for memory or load looks again, and how often the
 # memory watch looks (GNU parallel looks about once a second).
 GATE_POLL_SECONDS = 0.1
 Sink = Callable[[bytes, bool], None]  # (complete lines, from stderr?)
-
-
-class Evicted(Exception):
-    """The job was stopped for --memfree: it runs again, not as one of its --retries."""
 
 
 @dataclass

@@ -32,11 +32,11 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .run_args import Options
-from .run_exec import Sink
 from .run_template import Template
 
 if TYPE_CHECKING:
     from .run import Done, Job
+    from .run_exec import Sink
 
 NAME_MAX = 255
 
