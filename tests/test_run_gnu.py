@@ -278,7 +278,8 @@ def test_a_timeout_sends_term_then_kill(tmp_path: Path) -> None:
 
 
 def test_help_is_for_users() -> None:
-    for words in ("usage: fenfa run", "Options:", "Examples:", "Exit status:", "--colsep"):
+    options = ("--colsep", "--tag", "--line-buffer", "--pipe", "--block", "--results DIR/")
+    for words in ("usage: fenfa run", "Options:", "Examples:", "Exit status:", *options):
         assert words in HELP
     assert ":mod:" not in HELP
     assert "``" not in HELP
