@@ -90,3 +90,27 @@ def test_bench_refuses_an_unusable_html_path_before_any_work(
     assert err.startswith("fenfa bench: ")
     assert html in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ("map", ["usage: fenfa map", "MODULE:FUNC", "--resume", "--on-error", "examples:",
+                 "exit status:", "130"]),
+        ("advise", ["usage: fenfa advise", "MODULE:FUNC", "--input", "examples:",
+                    "exit status:", "130"]),
+    ],
+)  # fmt: skip
+def test_map_and_advise_help_is_for_users(
+    command: str, words: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for word in words:
+        assert word in text
+    examples = text.split("examples:")[1].split("exit status:")[0]
+    assert examples.count(f"fenfa {command} ") == 3
+    for markup in (":mod:", ":class:", "``", ":func:"):
+        assert markup not in text

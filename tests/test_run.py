@@ -233,13 +233,12 @@ def test_a_nul_byte_fails_only_its_job(tmp_path: Path) -> None:
     [
         (["--joblog", "nodir/log"], "cannot write 'nodir/log': No such file or directory"),
         (["--results", "nodir/res.jsonl"], "cannot write 'nodir/res.jsonl'"),
-        (["--results", "adir"], "'adir' is a directory"),
-        (["--joblog", "adir"], "'adir' is a directory"),
+        (["--joblog", "adir"], "'adir' is a directory"),  # (--results adir: GNU's layout)
         (["--joblog", "notes.txt"], "'notes.txt' exists and is not a fenfa run --joblog"),
         (["--results", "notes.txt"], "'notes.txt' exists and is not a fenfa run --results"),
         (["--results", "log"], "'log' exists and is not a fenfa run --results"),
         (["--joblog", "res.jsonl"], "'res.jsonl' exists and is not a fenfa run --joblog"),
-        (["--resume", "--results", "adir"], "'adir' is a directory"),
+        (["--resume", "--joblog", "adir", "--results", "adir"], "'adir' is a directory"),
     ],
 )
 def test_an_unusable_journal_is_one_line_and_exit_255_before_any_job(

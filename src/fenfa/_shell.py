@@ -46,6 +46,7 @@ from ._shell_result import (
     drain,
     guard_add,
     guard_remove,
+    kill_and_reap,
     kill_group,
     terminate,
 )
@@ -248,9 +249,7 @@ def _spawned(
                     poller.unregister(fd)
                     open_pipes -= 1
     except BaseException:
-        kill_group(pid)
-        if status is None:
-            os.waitpid(pid, 0)
+        kill_and_reap(pid, status)
         raise
     finally:
         guard_remove(pid)

@@ -31,6 +31,7 @@ __all__ = [
     "drain",
     "guard_add",
     "guard_remove",
+    "kill_and_reap",
     "kill_group",
     "start_guard",
     "terminate",
@@ -78,6 +79,13 @@ class ShellResult:
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def kill_and_reap(pid: int, status: int | None) -> None:
+    """A command given up: its group killed, its leader reaped unless it already was."""
+    kill_group(pid)
+    if status is None:
+        os.waitpid(pid, 0)
 
 
 class TimedOut(subprocess.TimeoutExpired):

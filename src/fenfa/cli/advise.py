@@ -14,107 +14,39 @@ decision was made); 2 for bad usage, a bad target or bad inputs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import importlib.util
 import json
-import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
-
-import cloudpickle
 
 from ..auto import MAX_PROBE_TASKS, PAIR_WAITING_BELOW, Decision
 from ..pool import Pool
 from ..tasks import is_coroutine_function
+from .target import BadTarget, add_target, load_target, one_line, output_to_stderr
 
 PROG = "fenfa advise"
+ADVISE_EPILOG = """\
+examples:
+  fenfa advise work:fetch https://example.com/a https://example.com/b
+      one sample each (a JSON value if it parses, else a string)
+  fenfa advise work.py:resize --input samples.jsonl
+      samples from a file, one JSON value per line
+  fenfa advise --json work:add '[1, 2]' '[3, 4]'
+      a JSON array is a call's arguments (add(1, 2)); the report as one JSON object
+
+exit status:
+  0    the advice is printed
+  1    the function raised (the advice is still printed if a decision was made)
+  2    bad usage, a target that cannot be imported, or unreadable samples
+  130  interrupted (Ctrl-C)
+"""
 WIDTH = 88  # the explanation's lines
 # Above this share of the measuring time spent queued for a core held by
 # other programs, the GIL test cannot tell threads from processes (auto.py).
 BUSY_MACHINE_ABOVE = 0.25
-
-
-class BadTarget(Exception):
-    """The target or the inputs are unusable: a one-line message, exit status 2."""
-
-
-# -- the target ---------------------------------------------------------
-
-
-def load_target(target: str) -> tuple[Callable[..., Any], str, str]:
-    """The function named by ``MODULE:FUNC``, the module's import name, and the code name.
-
-    MODULE is a dotted name importable from the current directory (which goes
-    first on ``sys.path``, as with ``python -m``) or the path of a ``.py`` file.
-    """
-    module_name, colon, attributes = target.rpartition(":")
-    if not colon or not module_name or not attributes:
-        raise BadTarget(f"the target must be MODULE:FUNC, got {target!r}")
-    if module_name.endswith(".py") or os.sep in module_name:
-        module = _import_file(Path(module_name))
-        module_name = module.__name__
-    else:
-        cwd = os.getcwd()
-        if cwd not in sys.path:
-            sys.path.insert(0, cwd)
-        module = _import(module_name)
-    found: Any = module
-    walked = f"module {module_name!r}"
-    for depth, attribute in enumerate(attributes.split(".")):
-        if not hasattr(found, attribute):
-            raise BadTarget(f"{walked} has no attribute {attribute!r}")
-        found = getattr(found, attribute)
-        walked = repr(f"{module_name}:{'.'.join(attributes.split('.')[: depth + 1])}")
-    if not callable(found):
-        raise BadTarget(f"{target!r} is not callable (it is {type(found).__name__})")
-    return found, module_name, f"{module_name}.{attributes}"
-
-
-def _import(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
-            raise BadTarget(f"no module named {name!r}") from exc
-        raise BadTarget(f"importing {name!r} failed: {_one_line(exc)}") from exc
-    except Exception as exc:  # the module's own code failed: say so, in one line
-        raise BadTarget(f"importing {name!r} failed: {_one_line(exc)}") from exc
-
-
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise BadTarget(f"no file {str(path)!r}")
-    name = path.stem
-    if name in sys.modules:
-        raise BadTarget(f"a module named {name!r} is already imported; rename {str(path)!r}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise BadTarget(f"cannot import {str(path)!r}")
-    # As `python path/to/file.py` does: its folder goes first on sys.path, so
-    # its own imports of neighbouring modules work (in workers too).
-    sys.path.insert(0, str(path.resolve().parent))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise BadTarget(f"importing {str(path)!r} failed: {_one_line(exc)}") from exc
-    # A worker process started before sys.path changed could not import it
-    # by name: send its functions by value instead.
-    cloudpickle.register_pickle_by_value(module)
-    return module
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return " ".join(text.split())
 
 
 # -- the inputs ---------------------------------------------------------
@@ -134,7 +66,7 @@ def read_inputs(path: str) -> list[Any]:
         with open(path, encoding="utf-8") as lines:
             text = lines.read()
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
         raise BadTarget(f"cannot read {path!r}: {reason}") from exc
     values = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -163,27 +95,6 @@ def _while_measuring(samples: list[Any], pool: Pool, pulled: list[int]) -> Itera
                 return
             pulled[0] += 1
             yield item
-
-
-@contextlib.contextmanager
-def _output_to_stderr() -> Iterator[None]:
-    """The function's own prints go to stderr, so stdout holds only the advice."""
-    saved: int | None = None
-    # Worker processes write to file descriptor 1 itself; without a real file
-    # behind sys.stdout (captured, as in tests) only this process's prints move.
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
-        sys.stdout.flush()
-        saved = os.dup(fd)
-        os.dup2(err, fd)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        if saved is not None:
-            sys.stdout.flush()
-            os.dup2(saved, sys.stdout.fileno())
-            os.close(saved)
 
 
 # -- the advice ---------------------------------------------------------
@@ -394,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
     )
     pulled = [0]
     begin = time.perf_counter()
-    with Pool("auto") as pool, _output_to_stderr():
+    with Pool("auto") as pool, output_to_stderr():
         inputs = _while_measuring(samples, pool, pulled)
         try:
             results = pool.starmap(fn, inputs) if star else pool.map(fn, inputs)
@@ -408,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
     if outcome.failure is not None:
         notes = " ".join(getattr(outcome.failure, "__notes__", []))
         where = f" ({notes})" if notes else ""
-        print(f"{PROG}: {code_name} raised {_one_line(outcome.failure)}{where}", file=sys.stderr)
+        print(f"{PROG}: {code_name} raised {one_line(outcome.failure)}{where}", file=sys.stderr)
         return 1
     return 0
 
@@ -418,17 +329,15 @@ def add_parser(commands: Any) -> None:
         "advise",
         help="measure a function on sample inputs and say which backend suits it",
         description=(
-            "Run MODULE:FUNC on sample inputs the way backend='auto' does, show what was "
-            "measured, and say which backend to use and why. The function really runs, "
-            "several times: the samples are repeated while measuring (about 20 ms of work)."
+            "Run MODULE:FUNC on sample inputs the way backend='auto' does, show what was\n"
+            "measured, and say which backend to use and why. The function really runs,\n"
+            "several times: the samples are repeated while measuring (about 20 ms of work).\n"
+            "What the function prints goes to stderr; stdout holds the advice."
         ),
+        epilog=ADVISE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "target",
-        metavar="MODULE:FUNC",
-        help="a module importable from here (or a .py file) and a function in it, "
-        "e.g. work:fetch or work.py:Parser.parse",
-    )
+    add_target(parser, "it is called with each sample")
     parser.add_argument(
         "args",
         metavar="ARG",

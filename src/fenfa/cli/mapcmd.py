@@ -8,7 +8,8 @@ OUTPUT, as soon as its result arrives::
     {"index": 4, "key": "51ab...", "input": <the record>, "error": {"type": ..., "message": ...}}
 
 How the data flows (one thread, the caller's, reads and writes; auto's
-probe threads may pull a few records while it measures, one at a time)::
+probe threads may pull a few records while it measures, one at a time;
+``_Records`` and ``_Writer`` are in :mod:`.map_records`)::
 
     INPUT ─line by line─▶ _Records ─(position, value)─▶ Pool.imap_unordered / imap
       (skips blank lines and    │                         │
@@ -52,25 +53,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, cast
 
 from .. import _shadow
 from ..backends import default_workers
-from ..errors import UnpicklableError
-from ..journal import Journal, JournalError, Kind, check, job_key, open_journal, read_json_records
+from ..journal import Journal, JournalError, Kind, check, open_journal, read_json_records
 from ..pool import Pool
 from ..tasks import is_coroutine_function
 from ..window import MAX_DEFAULT_WINDOW
-from .advise import BadTarget, _one_line, _output_to_stderr, load_target
+from .map_records import PROG, _AsyncCall, _Call, _Records, _Writer
+from .target import BadTarget, add_target, load_target, one_line, output_to_stderr
 
-PROG = "fenfa map"
 ON_ERROR = ("raise", "return", "skip")
 # What an OUTPUT journal looks like: an existing file that is not one is refused.
 OUTPUT = Kind("a fenfa map OUTPUT", '{"index": ', frozenset({"index", "key", "input"}))
@@ -88,185 +85,6 @@ IN_FLIGHT_BYTES = 4 << 20
 SAMPLE_BYTES = 64 << 10
 # ... and the window never shrinks below this many records per worker.
 MIN_WINDOW_PER_WORKER = 4
-
-# fenfa notes every final failure with the position of its task in the
-# call's input (window.annotate); the record it stands for is found by it.
-_TASK_NOTE = re.compile(r"fenfa: task (\d+) failed")
-
-
-class _Malformed:
-    """Stands in for a line that is not JSON, so that it keeps its place in order."""
-
-
-class _Call:
-    """FUNC on one ``(position, value)``: ``(position, result)``, so any order can be matched."""
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        self.fn = fn
-
-    def __call__(self, item: tuple[int, Any]) -> tuple[int, Any]:
-        position, value = item
-        if isinstance(value, _Malformed):
-            return position, value
-        return position, self.fn(value)
-
-
-class _AsyncCall:
-    """As :class:`_Call`, for a coroutine function (the async backend awaits it)."""
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        self.fn = fn
-
-    async def __call__(self, item: tuple[int, Any]) -> tuple[int, Any]:
-        position, value = item
-        if isinstance(value, _Malformed):
-            return position, value
-        return position, await self.fn(value)
-
-
-@dataclass
-class _Pending:
-    """A record in flight: what its output line needs."""
-
-    index: int
-    key: str
-    text: str
-    line: int
-    malformed: str | None = None  # why the line is not JSON
-
-
-class _Records:
-    """The input, pulled lazily: ``(position, value)`` for each record still to do."""
-
-    def __init__(
-        self,
-        lines: Iterable[bytes],
-        name: str,
-        done: Counter[str] | None,
-        stop_at_malformed: bool,
-    ) -> None:
-        self._lines = lines
-        self._name = name
-        self._done = done
-        self._stop_at_malformed = stop_at_malformed
-        self.pending: dict[int, _Pending] = {}
-        self.skipped = 0
-        #: (line number, reason) of the line that ended the input under ``raise``.
-        self.malformed: tuple[int, str] | None = None
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        index = position = 0
-        for number, raw in enumerate(self._lines, 1):
-            stripped = raw.strip()
-            if not stripped:
-                continue
-            # (Bytes that are not UTF-8 are kept as they are, for the key and the error line.)
-            text = stripped.decode("utf-8", "surrogateescape")
-            key = job_key(self._name, text)
-            done = self._done
-            if done is not None and done[key] > 0:
-                done[key] -= 1
-                self.skipped += 1
-                index += 1
-                continue
-            value: Any
-            reason = None
-            try:
-                value = json.loads(stripped.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                reason = f"not UTF-8: {exc.reason} at byte {exc.start}"
-            except ValueError as exc:
-                reason = f"not JSON: {' '.join(str(exc).split())}"
-            except RecursionError:  # (json's C decoder nests as deep as the stack allows)
-                reason = "not JSON that Python can read: nested too deeply"
-            if reason is not None:
-                if self._stop_at_malformed:
-                    self.malformed = (number, reason)
-                    return
-                value = _Malformed()
-            self.pending[position] = _Pending(index, key, text, number, reason)
-            yield position, value
-            index += 1
-            position += 1
-
-
-@dataclass
-class _Counts:
-    done: int = 0
-    failed: int = 0
-
-    def summary(self, skipped: int) -> str:
-        return f"{PROG}: {self.done} done, {skipped} skipped (already done), {self.failed} failed"
-
-
-class _Writer:
-    """Turns each result into its output line; stops the run at the first failure if told."""
-
-    def __init__(self, journal: Journal, records: _Records, on_error: str, where: str) -> None:
-        self._journal = journal
-        self._where = where  # "INPUT.jsonl ", or "" for stdin
-        self._records = records
-        self._on_error = on_error
-        self.counts = _Counts()
-        #: The one-line message of the failure that stopped the run (``raise``).
-        self.stopped: str | None = None
-
-    def take(self, result: Any) -> None:
-        if isinstance(result, BaseException):
-            pending = self._records.pending.pop(_position(result, self._records.pending))
-            error = result
-            self._fail(pending, _error_type(error), str(error))
-            return
-        position, output = result
-        pending = self._records.pending.pop(position)
-        if isinstance(output, _Malformed):
-            assert pending.malformed is not None
-            self._fail(pending, "MalformedInput", f"line {pending.line}: {pending.malformed}")
-            return
-        try:
-            encoded = json.dumps(output)
-        except (TypeError, ValueError, RecursionError) as exc:
-            self._fail(pending, "SerializationError", f"the result is not JSON: {_one_line(exc)}")
-            return
-        self._journal.write(f'{_head(pending)}, "output": {encoded}}}')
-        self.counts.done += 1
-
-    def _fail(self, pending: _Pending, kind: str, message: str) -> None:
-        self.counts.failed += 1
-        if self._on_error == "raise":
-            self.stopped = (
-                f"record {pending.index} ({self._where}line {pending.line}) failed: "
-                f"{kind}: {' '.join(message.split())}"
-            )
-        elif self._on_error == "return":
-            error = json.dumps({"type": kind, "message": message})
-            self._journal.write(f'{_head(pending)}, "error": {error}}}')
-
-
-def _head(pending: _Pending) -> str:
-    """The output line up to its last field: index, key and input."""
-    text = pending.text if pending.malformed is None else json.dumps(pending.text)
-    return f'{{"index": {pending.index}, "key": "{pending.key}", "input": {text}'
-
-
-def _error_type(error: BaseException) -> str:
-    if isinstance(error, UnpicklableError):
-        return error.type_name  # the original's type could not cross back; its name did
-    return type(error).__name__
-
-
-def _position(error: BaseException, pending: dict[int, _Pending]) -> int:
-    """The task position fenfa noted on a failure (the latest one still pending).
-
-    The same exception object may have failed several records (a thread
-    backend, a function raising one saved instance): each adds its note.
-    """
-    for note in reversed(getattr(error, "__notes__", ())):
-        found = _TASK_NOTE.match(note)
-        if found and int(found.group(1)) in pending:
-            return int(found.group(1))
-    raise RuntimeError(f"{PROG}: a failure without the note of its task: {error!r}")
-
 
 # -- the command --------------------------------------------------------
 
@@ -303,7 +121,7 @@ def _open_input(path: str) -> io.BufferedReader:
         # (closed by main; with a buffer size, typeshed says BinaryIO: it is this)
         return cast(io.BufferedReader, open(path, "rb", buffering=SAMPLE_BYTES))
     except OSError as exc:
-        raise BadTarget(f"cannot read {path!r}: {exc.strerror or _one_line(exc)}") from exc
+        raise BadTarget(f"cannot read {path!r}: {exc.strerror or one_line(exc)}") from exc
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -378,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     # With -o -, stdout holds the records only: what the function prints goes to stderr.
     with contextlib.ExitStack() as redirect:
         if args.output == "-":
-            redirect.enter_context(_output_to_stderr())
+            redirect.enter_context(output_to_stderr())
         return _map(args, fn, coroutine, code_name, done, stream, journal)
 
 
@@ -473,23 +291,41 @@ def _seconds(text: str) -> float:
     return value
 
 
+MAP_DESCRIPTION = """\
+Run MODULE:FUNC on each record of INPUT.jsonl (one JSON value per line; blank
+lines are skipped) and write one line per record to OUTPUT.jsonl as each
+result arrives:
+  {"index": 0, "key": "...", "input": RECORD, "output": RESULT}
+  {"index": 1, "key": "...", "input": RECORD, "error": {"type": ..., "message": ...}}
+The input is streamed (memory stays flat), and a run stopped by a crash or
+Ctrl-C goes on where it stopped with --resume: nothing lost, nothing done twice."""
+
+MAP_EPILOG = """\
+examples:
+  fenfa map work:square in.jsonl -o out.jsonl -k
+      one line per record in out.jsonl, in input order
+  fenfa map work.py:fetch urls.jsonl -o out.jsonl --backend thread -j 32 --on-error return
+      32 threads; a failed record gets an error line and the run goes on
+  fenfa map work:square in.jsonl -o out.jsonl --resume
+      after a crash: the records with a line in out.jsonl are skipped
+
+exit status:
+  0    every record has its output line
+  1    a record failed (whatever --on-error says), or the run stopped at a failure
+  2    bad usage, a target that cannot be imported, an unusable INPUT or OUTPUT
+  130  interrupted (Ctrl-C): what was written stays; --resume goes on from there
+"""
+
+
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "map",
         help="run a Python function over a file of JSON records, resumably",
-        description=(
-            "Run MODULE:FUNC on each record of INPUT.jsonl (one JSON value per line; blank "
-            "lines are skipped) and write one line per record to OUTPUT.jsonl as each result "
-            'arrives: {"index", "key", "input", "output"} or {..., "error": {"type", '
-            '"message"}}. Streamed (memory stays flat), and resumable after a crash with '
-            "--resume: nothing lost, nothing done twice."
-        ),
+        description=MAP_DESCRIPTION,
+        epilog=MAP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "target",
-        metavar="MODULE:FUNC",
-        help="a module importable from here (or a .py file) and a function of one argument",
-    )
+    add_target(parser, "it gets each record's value as its one argument")
     parser.add_argument("input", metavar="INPUT.jsonl", help="the records; - for stdin")
     parser.add_argument(
         "-o",
@@ -500,7 +336,13 @@ def add_parser(commands: Any) -> None:
         "stderr, and there is nothing to --resume from). An existing OUTPUT must be one "
         "fenfa map wrote, and is only appended to, with --resume",
     )
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="where FUNC runs (default auto: measured on the first records; dask: the "
+        "cluster at DASK_SCHEDULER_ADDRESS, or a local one)",
+    )
     parser.add_argument(
         "-j", "--jobs", type=_at_least(1), metavar="N", help="workers (default: the backend's)"
     )

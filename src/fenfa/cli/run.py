@@ -21,12 +21,12 @@ import functools
 import itertools
 import json
 import os
-import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import journal
 from .._shell import shell
@@ -34,19 +34,18 @@ from .._shell_result import ShellResult, TimedOut, start_guard
 from ..api import imap, imap_unordered
 from ..backends import usable_cores
 from ..worker import current_slot
-from .run_args import DEFAULT_TERMSEQ, MAX_JOBS, Options, UsageError, parse
+from .run_args import DEFAULT_TERMSEQ, MAX_JOBS, Evicted, Options, UsageError, parse
 from .run_help import HELP, USAGE
 from .run_inputs import Packer, name_fields, packed, records
-from .run_template import Template, choose_shell, has_fields, render
+from .run_journal import JOBLOG, JOBLOG_HEADER, RESULTS, done_keys, joblog_line, results_record
+from .run_output import Printer, ResultsDir
+from .run_template import Template, choose_shell, has_fields, quote_words, render
+
+if TYPE_CHECKING:
+    from .run_exec import Gate
 
 MAX_EXIT = 101
 BAD_USAGE = 255
-JOBLOG_HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand"
-# What the journals look like: a file that is not one of its kind is refused.
-JOBLOG = journal.Kind("a fenfa run --joblog", JOBLOG_HEADER + "\tAttempt\tKey\n")
-RESULTS = journal.Kind(
-    "a fenfa run --results journal", '{"key": "', frozenset({"key", "seq", "command", "exit"})
-)
 
 
 # -- jobs -------------------------------------------------------------------------
@@ -58,6 +57,8 @@ class Job:
     values: tuple[str, ...]
     key: str
     template: Template | None = None  # (packed jobs: the template of the job's shape)
+    inputs: tuple[str, ...] | None = None  # (packed jobs: the inputs, as given)
+    stdin: bytes | None = None  # (--pipe: the job's block)
 
 
 @dataclass
@@ -96,27 +97,22 @@ class Done:
         return self.result is None or self.result.returncode != 0
 
 
-def _done_keys(options: Options) -> set[str]:
-    """Keys of the jobs the journals record as finished (succeeded only, with --resume-failed)."""
-    done: set[str] = set()
-    if options.results:
-        for record in journal.read_json_records(options.results):
-            key = record.get("key")
-            if isinstance(key, str) and (not options.resume_failed or record.get("exit") == 0):
-                done.add(key)
-        return done
-    assert options.joblog is not None
-    for line in journal.read_lines(options.joblog):
-        columns = line.split("\t")
-        if len(columns) < 11 or columns[0] == "Seq":
-            continue
-        exit_value, attempt, key = columns[6], columns[9], columns[10]
-        succeeded = exit_value == "0"
-        final = succeeded or (attempt.isdigit() and int(attempt) > options.retries)
-        # (--retries N is N attempts in all; 0: no limit, so only a success is final)
-        if final and (succeeded or not options.resume_failed):
-            done.add(key)
-    return done
+def _refuse_off_the_plain_path(options: Options) -> None:
+    """``--backend dask`` runs the plain path's call remotely: options beyond it are refused.
+
+    (``--wd`` is not among them: the directory travels with the call.)
+    """
+    local_only = {
+        "--line-buffer": options.line_buffer,
+        "--ungroup": options.ungroup,
+        "--pipe": options.pipe,
+        "--memfree": options.memfree is not None,
+        "--load": options.load is not None,
+        "--delay": options.delay,
+    }
+    named = [name for name, on in local_only.items() if on]
+    if named:
+        raise UsageError(f"{', '.join(named)}: not available with --backend dask (jobs run there)")
 
 
 class Runner:
@@ -126,17 +122,24 @@ class Runner:
         self, options: Options, template: Template, run_command: Callable[..., ShellResult] = shell
     ) -> None:
         self.shell = run_command  # fenfa.shell, or the same on a dask worker (run_dask)
+        if run_command is not shell:
+            _refuse_off_the_plain_path(options)
         self.options = options
         self.template = template
         self.joblog = self.results = None
+        self.results_dir: ResultsDir | None = None
+        self.gate: Gate | None = None
+        self.printer = Printer(options, template.shell)
         try:
             if options.joblog:
                 self.joblog = journal.open_journal(
                     options.joblog, JOBLOG, header=JOBLOG_HEADER + "\tAttempt\tKey"
                 )
-            if options.results:
+            if options.results_dir:
+                self.results_dir = ResultsDir(options.results or "", len(options.sources))
+            elif options.results:
                 self.results = journal.open_journal(options.results, RESULTS)
-        except journal.JournalError as exc:
+        except (journal.JournalError, OSError) as exc:
             self.close()
             raise UsageError(str(exc)) from None
         # --halt: set by the job that meets the condition, so no job starts
@@ -146,6 +149,17 @@ class Runner:
         self.failed = self.succeeded = 0
         self.termseq = options.termseq or DEFAULT_TERMSEQ
         self.running = 0  # jobs between their start and their last attempt's end
+        gated = options.delay or options.memfree is not None or options.load is not None
+        if gated:
+            from .run_exec import Gate  # (imported only when an option needs it)
+
+            self.gate = Gate(options, self.termseq)
+        # Off the plain path (fenfa.shell, whose per-job cost is measured) only
+        # when an option needs more of the job's process than its whole output.
+        general = bool(options.line_buffer or options.ungroup or options.pipe or options.wd)
+        if run_command is not shell:
+            general = False  # (refused above, but for --wd, which _plain passes on)
+        self._start = self._general if general or options.memfree is not None else self._plain
 
     def close(self) -> None:
         for log in (self.joblog, self.results):
@@ -154,6 +168,21 @@ class Runner:
         close = getattr(self.shell, "close", None)  # (run_dask's: its client)
         if close is not None:
             close()
+        if self.gate is not None:
+            self.gate.close()
+
+    def _plain(self, argv: list[str], job: Job, slot: int) -> ShellResult:
+        if self.options.wd:  # (only with --backend dask: locally --wd takes _general)
+            return self.shell(
+                argv, timeout=self.options.timeout, termseq=self.termseq, cwd=self.options.wd
+            )
+        return self.shell(argv, timeout=self.options.timeout, termseq=self.termseq)
+
+    def _general(self, argv: list[str], job: Job, slot: int) -> ShellResult:
+        sink = self.printer.sink(job, slot) if self.options.line_buffer else None
+        from .run_exec import execute  # (imported only off the plain path)
+
+        return execute(argv, self.options, self.termseq, job.stdin, sink, self.gate)
 
     def run_job(self, job: Job) -> Done:
         """A task on a worker thread: every attempt, journaled as it ends."""
@@ -168,21 +197,28 @@ class Runner:
         attempt = 0
         while True:
             attempt += 1
+            if self.gate is not None:
+                self.gate.wait()
             start = time.time()
             error = timed_out = None
             try:
-                result: ShellResult | None = self.shell(
-                    argv, timeout=self.options.timeout, termseq=self.termseq
-                )
+                result: ShellResult | None = self._start(argv, job, slot)
             except TimedOut as exc:
                 result, timed_out = None, exc
+            except Evicted:  # (--memfree: runs again, not one of its --retries)
+                attempt -= 1
+                continue
             except (OSError, ValueError) as exc:  # it could not start: this job fails
                 result, error = None, _cannot_start(argv, exc)
             done = Done(job, template, slot, result, attempt, start, error=error)
             done.timed_out = timed_out
-            self._log(done, time.time() - start)
+            if self.joblog is not None:
+                self.joblog.write(joblog_line(done, time.time() - start))
             if not done.failed or attempt > self.options.retries:
-                self._record(done)
+                if self.results_dir is not None:
+                    self.results_dir.write(done)
+                if self.results is not None:
+                    self.results.write(results_record(done))
                 self._count(done)
                 return done
 
@@ -199,69 +235,12 @@ class Runner:
                 self.stop_starting.set()
                 done.halting, done.others_running = True, self.running
 
-    def _log(self, done: Done, runtime: float) -> None:
-        if self.joblog is None:
-            return
-        # As GNU parallel writes it: Host ":" (this machine), JobRuntime %10.3f,
-        # Receive the bytes of stdout (Send: of stdin, none without --pipe).
-        result = done.result
-        received = len(result.stdout) if result is not None else 0
-        if done.timed_out is not None:
-            received = len(done.timed_out.stdout or b"")
-        command = re.sub(r"[\t\n\r\0]", " ", done.command)
-        self.joblog.write(
-            f"{done.job.seq}\t:\t{done.start:.3f}\t{runtime:10.3f}\t0\t"
-            f"{received}\t{done.exit}\t{done.signal}\t{command}\t{done.attempt}\t{done.job.key}"
-        )
-
-    def _record(self, done: Done) -> None:
-        if self.results is None:
-            return
-        result = done.result
-        record = {
-            "key": done.job.key,
-            "seq": done.job.seq,
-            "input": list(done.job.values),
-            "command": done.command,
-            "exit": done.exit,
-            "signal": done.signal,
-            "stdout": result.text if result is not None else "",
-            "stderr": result.error_text if result is not None else done.error or "",
-            "start": round(done.start, 6),
-            "duration": round(result.duration, 6) if result is not None else None,
-            "attempt": done.attempt,
-            "timed_out": done.timed_out is not None,
-        }
-        self.results.write(json.dumps(record, ensure_ascii=False))
-
 
 def _cannot_start(argv: list[str], exc: Exception) -> str:
     if any("\0" in arg for arg in argv):
         return "fenfa run: cannot start the command: an input holds a NUL byte"
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return f"fenfa run: cannot start the command: {reason}"
-
-
-def _emit(done: Done) -> None:
-    result = done.result
-    if done.error is not None:
-        print(f"{done.error} (job {done.job.seq}: {done.command})", file=sys.stderr, flush=True)
-        return
-    stdout, stderr = (result.stdout, result.stderr) if result is not None else (b"", b"")
-    if done.timed_out is not None:  # (GNU parallel's words; what it printed follows)
-        print(
-            "fenfa run: Warning: This job was killed because it timed out:\n"
-            f"fenfa run: Warning: {done.command}",
-            file=sys.stderr,
-            flush=True,
-        )
-        stdout, stderr = done.timed_out.stdout or b"", done.timed_out.stderr or b""
-    if stdout:
-        sys.stdout.buffer.write(stdout)
-        sys.stdout.flush()
-    if stderr:
-        sys.stderr.buffer.write(stderr)
-        sys.stderr.flush()
 
 
 def halted(options: Options, failed: int, succeeded: int) -> bool:
@@ -292,20 +271,29 @@ def main(argv: Sequence[str]) -> int:
     try:
         options = parse(argv)
         shell_path = choose_shell(options.shell, os.environ)
-        stream, names = records(options)
+        stream, names = records(options) if not options.pipe else (iter(()), [])
     except UsageError as exc:
         print(f"fenfa run: {exc}\n{USAGE}", file=sys.stderr)
         return BAD_USAGE
-    text = name_fields(" ".join(options.command), names)
-    if not has_fields(text):
+    command = quote_words(options.command) if options.quote else " ".join(options.command)
+    text = name_fields(command, names)
+    if not has_fields(text) and not options.pipe:
         text += " {}"
     try:
         workers = _workers(options)
-        if packed(options):
+        if options.pipe:  # (a job's input is its block on stdin, not in the command)
+            from .run_pipe import block_key, blocks
+
+            template = Template(text, 0, shell_path)
+            jobs = (
+                Job(seq, (), journal.job_key(text, block_key(block)), stdin=block)
+                for seq, block in enumerate(blocks(options), 1)
+            )
+        elif packed(options):
             packer = Packer(options, text, shell_path, workers)
             jobs = (
-                Job(seq, values, journal.job_key(text, json.dumps(values)), template)
-                for seq, (template, values) in enumerate(packer.jobs(stream), 1)
+                Job(seq, values, journal.job_key(text, json.dumps(values)), template, inputs)
+                for seq, (template, values, inputs) in enumerate(packer.jobs(stream), 1)
             )
             template = packer.template(1, 0)
         else:
@@ -337,6 +325,13 @@ def _workers(options: Options) -> int:
     return MAX_JOBS
 
 
+def _progress(options: Options) -> dict[str, object] | bool:
+    """--bar, --eta, --progress: one bar on stderr (done, rate, time left)."""
+    if not (options.bar or options.eta):
+        return False
+    return {"file": sys.stderr, "unit": "job", "desc": "fenfa run"}
+
+
 def _run(options: Options, template: Template, jobs: Iterator[Job], workers: int) -> int:
     if options.dry_run:
         for job in jobs:
@@ -350,7 +345,7 @@ def _run(options: Options, template: Template, jobs: Iterator[Job], workers: int
         run_command, workers = remote, workers if options.jobs is not None else remote.threads
     runner = Runner(options, template, run_command)  # (the journals: refused before any job runs)
     try:
-        skip = _done_keys(options) if options.resume else set()
+        skip = done_keys(options) if options.resume else set()
     except BaseException:
         runner.close()
         raise
@@ -360,17 +355,19 @@ def _run(options: Options, template: Template, jobs: Iterator[Job], workers: int
     call = imap if options.keep_order else imap_unordered
     results: Iterable[Done] = call(
         runner.run_job,
-        (job for job in jobs if job.key not in skip),
+        runner.printer.queued(job for job in jobs if job.key not in skip),
         backend="thread",
         workers=workers,
-        progress={"file": sys.stderr, "unit": "job", "desc": "fenfa run"} if options.bar else False,
+        # (--pipe: each job holds a block of up to --block bytes; a few per worker)
+        window=2 * workers if options.pipe else None,
+        progress=_progress(options),
         on_error="raise",
     )
     try:
         for done in results:
             if done.skipped:
                 continue
-            _emit(done)
+            runner.printer.emit(done)
             failed += done.failed
             if options.halt is None or status is not None:
                 continue

@@ -15,6 +15,7 @@ parallel reads ``::: a --resume`` as two inputs too).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ _SEPARATOR_LIKE = re.compile(r":{2,}\+*|:::+\+*.*")
 
 class UsageError(Exception):
     """Bad usage: printed on one line, exit status 255."""
+
+
+class Evicted(Exception):
+    """A job stopped for --memfree: it runs again, and not as one of its --retries."""
 
 
 @dataclass
@@ -66,6 +71,25 @@ class Options:
     header: bool = False
     csv: bool = False
     delimiter: str = "\n"
+    # Output: --tag/--tagstring prefix each line; --line-buffer prints lines as
+    # they come; -u (--ungroup) hands the jobs this process's stdout and stderr.
+    tag: bool = False
+    tagstring: str | None = None
+    line_buffer: bool = False
+    ungroup: bool = False
+    quote: bool = False  # -q: the command's words quoted, not shell syntax
+    delay: float = 0.0  # seconds between job starts
+    wd: str | None = None
+    env: list[str] = field(default_factory=list)  # --env: for remote jobs (local ones inherit)
+    eta: bool = False  # --eta, --progress: a progress bar with the ETA on stderr
+    memfree: int | None = None  # bytes of free memory a job start needs
+    load: float | None = None  # the 1-minute load average a job start needs to be under
+    results_dir: bool = False  # --results DIR (an existing directory, or ends in "/")
+    pipe: bool = False  # --pipe: stdin cut into blocks, each a job's stdin
+    pipe_part: bool = False  # --pipe-part: the same, from -a FILE by seeking
+    block: int = 1 << 20
+    recstart: str = ""
+    recend: str | None = None  # None: "\n", or "" when --recstart is given
     command: list[str] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
 
@@ -79,7 +103,10 @@ _FLAGS = {
     "-k": "keep_order", "--keep-order": "keep_order", "--resume": "resume",
     "--resume-failed": "resume_failed", "--dry-run": "dry_run", "--bar": "bar",
     "-X": "context", "--xargs": "multi", "-m": "multi", "--csv": "csv",
-    "-0": "null", "--null": "null",
+    "-0": "null", "--null": "null", "--tag": "tag", "--line-buffer": "line_buffer",
+    "--lb": "line_buffer", "-u": "ungroup", "--ungroup": "ungroup", "-q": "quote",
+    "--quote": "quote", "--eta": "eta", "--progress": "eta", "--pipe": "pipe",
+    "--spreadstdin": "pipe", "--pipe-part": "pipe_part", "--pipepart": "pipe_part",
 }  # fmt: skip
 _VALUED = {
     "-j": "jobs", "--jobs": "jobs", "-P": "jobs", "--max-procs": "jobs", "--timeout": "timeout",
@@ -88,6 +115,9 @@ _VALUED = {
     "--term-seq": "termseq", "-n": "n", "--max-args": "n", "-N": "N", "-L": "L",
     "--max-lines": "L", "--colsep": "colsep", "-C": "colsep", "--header": "header",
     "-a": "arg_file", "--arg-file": "arg_file", "-d": "delimiter", "--delimiter": "delimiter",
+    "--tagstring": "tagstring", "--delay": "delay", "--wd": "wd", "--workdir": "wd",
+    "--env": "env", "--memfree": "memfree", "--load": "load", "--block": "block",
+    "--block-size": "block", "--recstart": "recstart", "--recend": "recend",
 }  # fmt: skip
 _SHORT_FLAGS = {name[1] for name in _FLAGS if len(name) == 2}
 _SHORT_VALUED = {name[1] for name in _VALUED if len(name) == 2}
@@ -145,7 +175,32 @@ def parse(argv: Sequence[str]) -> Options:
         raise UsageError("--resume needs --joblog FILE or --results FILE to read what is done")
     if options.context and options.multi:
         raise UsageError("-X and -m are two ways of packing inputs: choose one")
+    _check_modes(options, arg_files)
     return options
+
+
+def _check_modes(options: Options, arg_files: list[str]) -> None:
+    """What only makes sense together (or apart), refused before anything runs."""
+    if options.results and (os.path.isdir(options.results) or options.results.endswith("/")):
+        options.results_dir = True
+        if options.resume and not options.joblog:
+            raise UsageError("--resume with --results DIR needs --joblog FILE (what is done)")
+    if options.ungroup and options.line_buffer:
+        raise UsageError("-u and --line-buffer are two ways of printing output: choose one")
+    if options.wd is not None and not os.path.isdir(options.wd):
+        raise UsageError(f"--wd {options.wd!r}: no such directory")
+    if options.pipe_part:
+        options.pipe = True
+        if len(arg_files) != 1 or any(s.kind == ":::" for s in options.sources):
+            raise UsageError("--pipe-part reads one seekable file: give it as -a FILE")
+    if options.pipe:
+        if options.sources and not options.pipe_part:
+            # (GNU parallel reads stdin then, and ignores the inputs: refused, not copied)
+            raise UsageError("--pipe reads stdin: no ::: :::: or -a inputs (--pipe-part -a FILE)")
+        if options.context or options.multi or options.colsep or options.csv or options.header:
+            raise UsageError("--pipe jobs read blocks on stdin: no -X, -m, --colsep or --header")
+        if options.max_args == 0:
+            raise UsageError("--pipe -N 0: a job needs at least one record")
 
 
 def _command_and_sources(options: Options, rest: list[str]) -> None:
@@ -214,8 +269,55 @@ def _set(options: Options, what: str, name: str, value: str, arg_files: list[str
             options.delimiter = _unescape(value)
             if not options.delimiter:
                 raise ValueError
+        elif what in ("tagstring", "wd"):
+            setattr(options, what, value)
+        elif what in ("recstart", "recend"):
+            setattr(options, what, _unescape(value))
+        elif what == "env":
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+                raise ValueError
+            options.env.append(value)
+        elif what in ("memfree", "block"):
+            setattr(options, what, size_from(value))
+        elif what == "delay":
+            options.delay = duration_from(value)
+        elif what == "load":
+            options.load = load_from(value, usable_cores())
     except ValueError:
         raise UsageError(f"bad value for {name}: {value!r}") from None
+
+
+_SIZES = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
+          "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}  # fmt: skip
+_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def size_from(value: str) -> int:
+    """A size as GNU parallel reads it: 10k = 10,000 bytes, 10K = 10,240 (and M G T P)."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)([bkmgtpKMGTP]?)", value)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(value)
+    return max(1, int(float(match.group(1)) * _SIZES[match.group(2)]))
+
+
+def duration_from(value: str) -> float:
+    """Seconds, as GNU parallel reads them: 0.5, 3s, 2m, 1h, 1d."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)([smhd]?)", value)
+    if match is None:
+        raise ValueError(value)
+    return float(match.group(1)) * _DURATIONS[match.group(2)]
+
+
+def load_from(value: str, cores: int) -> float:
+    """--load as GNU parallel reads it (the syntax of -j): N, +N, -N, N% (100%: the cores)."""
+    if value.endswith("%"):
+        return cores * float(value[:-1]) / 100
+    if value[:1] in "+-":
+        return max(0.0, cores + float(value))
+    load = float(value)
+    if not 0 <= load < math.inf:
+        raise ValueError(value)
+    return load
 
 
 def jobs_from(value: str, cores: int) -> int:

@@ -119,6 +119,8 @@ def name_fields(text: str, names: Sequence[str]) -> str:
 
 def packed(options: Options) -> bool:
     """Whether jobs need the general path (columns, or several inputs a job)."""
+    if options.pipe:
+        return False
     return _splits(options) or options.max_args is not None or options.context or options.multi
 
 
@@ -135,9 +137,10 @@ class Packer:
         self.highest = max(numbers, default=0)
         self._templates: dict[tuple[int, int], Template] = {}
 
-    def jobs(self, source: Iterator[Record]) -> Iterator[tuple[Template, Record]]:
+    def jobs(self, source: Iterator[Record]) -> Iterator[tuple[Template, Record, Record]]:
+        """Each job: the Template of its shape, its values, and its inputs as given."""
         for group in self._groups(source):
-            whole = tuple(itertools.chain.from_iterable(group))
+            inputs = whole = tuple(itertools.chain.from_iterable(group))
             if self.split:
                 columns = [c for value in whole for c in _columns(value, self.options)]
             else:
@@ -145,7 +148,7 @@ class Packer:
                 whole = ()
             count = len(columns)
             columns.extend([""] * (self.highest - count))
-            yield self.template(count, len(whole)), (*columns, *whole)
+            yield self.template(count, len(whole)), (*columns, *whole), inputs
 
     def _groups(self, source: Iterator[Record]) -> Iterator[list[Record]]:
         options = self.options

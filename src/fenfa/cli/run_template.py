@@ -261,6 +261,27 @@ class Template:
                 out.append(_quote(" ".join(shown), piece.quoting))
         return "".join(out)
 
+    def text(self, values: Sequence[str], seq: int, slot: int) -> str:
+        """The template with each field replaced by its value as it is (a tag: shown, not run)."""
+        return "".join(
+            p if isinstance(p, str) else " ".join(self._values(p, values, seq, slot))
+            for p in self.pieces
+        )
+
+
+def quote_words(words: Sequence[str]) -> str:
+    """-q: the command's words as one command, each quoted (its fields left as fields)."""
+    return " ".join(
+        "".join(
+            p if _FIELD_SPLIT.fullmatch(p) else shlex.quote(p) for p in _FIELD_SPLIT.split(w) if p
+        )
+        or "''"
+        for w in words
+    )
+
+
+_FIELD_SPLIT = re.compile(r"(\{(?:\d*|[A-Za-z_]\w*)(?:\.|/|//|/\.)?\}|\{#\}|\{%\})")
+
 
 def render(template: str, values: Sequence[str], seq: int, slot: int) -> str:
     """The command for one job as text, values quoted where they stand."""
