@@ -26,7 +26,7 @@ from ..backends import usable_cores
 from ..insights import Insights
 from ..timeline import render
 from ..worker import current_worker
-from . import unwritable
+from .paths import unwritable
 
 
 def io_task(seconds: float) -> tuple[int, str, float]:

@@ -17,7 +17,6 @@ with a one-line error.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -25,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import journal
@@ -37,6 +35,7 @@ from ..worker import current_slot
 from .run_args import DEFAULT_TERMSEQ, MAX_JOBS, Evicted, Options, UsageError, parse
 from .run_help import HELP, USAGE
 from .run_inputs import Packer, name_fields, packed, records
+from .run_jobs import Done, Job
 from .run_journal import JOBLOG, JOBLOG_HEADER, RESULTS, done_keys, joblog_line, results_record
 from .run_output import Printer, ResultsDir
 from .run_template import Template, choose_shell, has_fields, quote_words, render
@@ -46,55 +45,6 @@ if TYPE_CHECKING:
 
 MAX_EXIT = 101
 BAD_USAGE = 255
-
-
-# -- jobs -------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    seq: int
-    values: tuple[str, ...]
-    key: str
-    template: Template | None = None  # (packed jobs: the template of the job's shape)
-    inputs: tuple[str, ...] | None = None  # (packed jobs: the inputs, as given)
-    stdin: bytes | None = None  # (--pipe: the job's block)
-
-
-@dataclass
-class Done:
-    job: Job
-    template: Template
-    slot: int
-    result: ShellResult | None  # None: timed out, or could not start (error)
-    attempt: int
-    start: float
-    skipped: bool = False
-    error: str | None = None  # why the command could not start
-    timed_out: TimedOut | None = None
-    halting: bool = False  # this job's end met --halt's condition
-    others_running: int = 0  # ... and this many other jobs were running then
-
-    @functools.cached_property
-    def command(self) -> str:
-        """The command as shown (journals, messages): computed only when one needs it."""
-        return self.template.render(self.job.values, self.job.seq, self.slot)
-
-    @property
-    def exit(self) -> int:
-        if self.result is None:
-            return -1
-        return self.result.returncode if self.result.returncode >= 0 else -1
-
-    @property
-    def signal(self) -> int:
-        if self.timed_out is not None:
-            return self.timed_out.signal or 9
-        return self.result.signal or 0 if self.result is not None else 0
-
-    @property
-    def failed(self) -> bool:
-        return self.result is None or self.result.returncode != 0
 
 
 def _refuse_off_the_plain_path(options: Options) -> None:

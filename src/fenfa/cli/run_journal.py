@@ -18,7 +18,7 @@ from .. import journal
 from .run_args import Options
 
 if TYPE_CHECKING:
-    from .run import Done
+    from .run_jobs import Done
 
 JOBLOG_HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand"
 # What the journals look like: a file that is not one of its kind is refused.

@@ -35,8 +35,8 @@ from .run_args import Options
 from .run_template import Template
 
 if TYPE_CHECKING:
-    from .run import Done, Job
     from .run_exec import Sink
+    from .run_jobs import Done, Job
 
 NAME_MAX = 255
 
