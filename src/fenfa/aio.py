@@ -44,9 +44,9 @@ from .backends import check_name, default_workers, usable_cores
 from .backends.asyncio import run_coroutine
 from .errors import FenfaError
 from .options import CallOptions, check_callable
+from .outcomes import annotate, from_input
 from .progress import Progress
 from .tasks import attach_traceback, is_coroutine_function
-from .window import annotate, from_input
 
 R = TypeVar("R")
 

@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .autoshare import Scope
 from .errors import RemoteTraceback, format_traceback
-from .sharing import Scope, handles_alive, resolve, resolve_function
+from .sharing import handles_alive, resolve, resolve_function
 from .worker import current_slot, current_worker
 
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import memory, sharing
+from .. import memory, segments
 from ..errors import SerializationError, pack_exception
 from ..tasks import Err, Ok, Piece, Stamper, Style, caller, run_batch
 from ..worker import set_slot
@@ -328,7 +328,7 @@ def _watch_parent(lifeline: Any, parent: int) -> None:
         lifeline.poll(None)  # nothing is ever written: this returns at end of file
         # The parent died without cleaning up (SIGKILL): its shared segments
         # would outlive everyone. Whichever worker gets here first removes them.
-        sharing.sweep(parent)
+        segments.sweep(parent)
     finally:
         _silence()
         os._exit(EXIT_ORPHANED)
@@ -462,7 +462,7 @@ def worker_main(
             continue
         if kind == FORGET:
             paths, keys = header
-            sharing.forget(paths)
+            segments.forget(paths)
             for key in keys:
                 functions.pop(key, None)
             continue

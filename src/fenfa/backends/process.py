@@ -55,7 +55,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import _shadow, memory, relay, sharing
+from .. import _shadow, autoshare, memory, relay, segments
 from ..errors import (
     FenfaError,
     PoolClosed,
@@ -384,7 +384,7 @@ class ProcessBackend(Backend):
             self._stop_started_workers()
             raise
         _live.add(self)
-        sharing.add_listener(self)
+        segments.add_listener(self)
 
     # -- workers --------------------------------------------------------
 
@@ -462,14 +462,14 @@ class ProcessBackend(Backend):
         job = batch.job
         if job.payload is None:
             try:
-                data, paths = sharing.dumps_function(job.fn, job.scope())
+                data, paths = autoshare.dumps_function(job.fn, job.scope())
             except Exception as exc:
                 raise SerializationError(
                     f"the function {job.fn!r} could not be pickled: {type(exc).__name__}: {exc}",
                     what="function",
                 ) from exc
             key = hashlib.blake2b(data, digest_size=16).digest()
-            sharing.note_function(key, paths)
+            segments.note_function(key, paths)
             job.payload = (key, data)
         for part in self._encode(batch):
             with self._lock:
@@ -523,7 +523,7 @@ class ProcessBackend(Backend):
     @staticmethod
     def _dumps(batch: Batch) -> bytes:
         """The items of ``batch`` pickled; large arrays among them shared, once per call."""
-        return sharing.dumps_items(batch.items, batch.job.scope())
+        return autoshare.dumps_items(batch.items, batch.job.scope())
 
     @staticmethod
     def _streams(batch: Batch) -> bool:
