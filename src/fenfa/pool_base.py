@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -312,3 +313,12 @@ class PoolBase:
         self, fn: Callable[..., R], args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Future[R]:
         return self.submit(fn, *args, **(kwargs or {}))
+
+
+# Users make a Pool, never a PoolBase: its methods are named Pool's, as they
+# were when they lived in Pool ("Pool.__init__() got an unexpected keyword
+# argument ...", "<bound method Pool.submit of ...>").
+for _name, _member in vars(PoolBase).items():
+    if isinstance(_member, types.FunctionType):
+        _member.__qualname__ = f"Pool.{_name}"
+del _name, _member
