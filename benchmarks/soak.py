@@ -47,7 +47,7 @@ and exits 1; ``faulthandler.dump_traceback_later`` backs it up should the
 GIL never be released). At the end every pool is shut down (and the
 module-level ones), and what is left is compared with a baseline taken after
 a warm-up: child processes (psutil), threads, file descriptors, and fenfa's
-shared segments (``sharing.PREFIX`` files of this process and its workers).
+shared segments (``fenfa.segments.PREFIX`` files of this process and its workers).
 
 Output: a markdown table (and ``--json PATH``); exit status 1 if any of
 wrong, lost, ran twice, hangs or leaks is nonzero. Up to ``MAX_INCIDENTS``
@@ -87,7 +87,7 @@ import psutil
 
 import fenfa
 import fenfa.api
-from fenfa import sharing
+import fenfa.segments
 
 #: A call that runs longer than this is a hang. Calls take milliseconds to a
 #: few seconds (timeouts, crashes); 120 s leaves room for a loaded 2-core machine.
@@ -815,12 +815,12 @@ class Snapshot:
 def _segments(pids: set[int]) -> list[str]:
     """fenfa's segments made by this process or its workers (others' are not ours)."""
     found = []
-    for directory in sharing._directories():
+    for directory in fenfa.segments._directories():
         with contextlib.suppress(OSError):
             for name in os.listdir(directory):
-                if not name.startswith(sharing.PREFIX):
+                if not name.startswith(fenfa.segments.PREFIX):
                     continue
-                pid = name[len(sharing.PREFIX) :].split("-", 1)[0]
+                pid = name[len(fenfa.segments.PREFIX) :].split("-", 1)[0]
                 if pid.isdigit() and int(pid) in pids:
                     found.append(os.path.join(directory, name))
     return found

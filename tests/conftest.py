@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import fenfa.api
-from fenfa import sharing
+from fenfa import segments
 from helpers import WATCHDOG_SECONDS
 
 #: Every backend the contract suite runs on. The serial backend is the oracle:
@@ -124,10 +124,10 @@ def _describe(proc: psutil.Process) -> str:
 
 def _segments() -> list[str]:
     """Shared-memory segments this test process made and has not removed."""
-    prefix = f"{sharing.PREFIX}{os.getpid()}-"
+    prefix = f"{segments.PREFIX}{os.getpid()}-"
     return [
         os.path.join(directory, name)
-        for directory in sharing._directories()
+        for directory in segments._directories()
         for name in os.listdir(directory)
         if name.startswith(prefix)
     ]

@@ -22,7 +22,7 @@ from joblib.externals.loky import get_reusable_executor  # noqa: E402
 
 import fenfa  # noqa: E402
 import fenfa.joblib  # noqa: E402
-from fenfa import sharing  # noqa: E402
+from fenfa import segments  # noqa: E402
 from helpers import hang, wait_for  # noqa: E402
 
 GRID = {"max_depth": [2, 4], "min_samples_leaf": [1, 5]}
@@ -211,14 +211,14 @@ def describe(array: Any, i: int) -> tuple[str, bool, float]:
 def test_large_arrays_are_shared_once_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     big = np.arange(300_000, dtype=np.float64)  # 2.4 MB
     created = []
-    create = sharing.Segment.create
+    create = segments.Segment.create
 
-    def counting(self: sharing.Segment, *args: Any, **kwargs: Any) -> str:
+    def counting(self: segments.Segment, *args: Any, **kwargs: Any) -> str:
         path = create(self, *args, **kwargs)
         created.append(path)
         return path
 
-    monkeypatch.setattr(sharing.Segment, "create", counting)
+    monkeypatch.setattr(segments.Segment, "create", counting)
     with parallel_config(backend="fenfa", n_jobs=2):
         results = Parallel(batch_size=1)(delayed(describe)(big, i) for i in range(6))
     # A read-only view of fenfa's shared memory, not joblib's memmap; one copy for 6 batches.

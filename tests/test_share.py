@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 import fenfa
-from fenfa import sharing
+import fenfa.segments
 from helpers import gone, script, script_output, wait_for, worker_pids
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -33,9 +33,9 @@ pytestmark = pytest.mark.filterwarnings("error")
 
 def segments(pid: int | None = None) -> list[str]:
     """Segment files of process ``pid`` (default: this one), wherever fenfa puts them."""
-    prefix = f"{sharing.PREFIX}{pid or os.getpid()}-"
+    prefix = f"{fenfa.segments.PREFIX}{pid or os.getpid()}-"
     found = []
-    for directory in sharing._directories():
+    for directory in fenfa.segments._directories():
         found += [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
     return sorted(found)
 
@@ -80,7 +80,7 @@ def kinds(*args: Any, **kwargs: Any) -> list[str]:
 
 
 def mappings(_: object) -> int:
-    return len(sharing._maps)
+    return len(fenfa.segments._maps)
 
 
 def fail_at(array: Any, bad: int, i: int) -> float:
@@ -328,16 +328,16 @@ def test_no_segment_is_left_after_ctrl_c_or_a_killed_parent(
 
 
 def test_segments_fall_back_to_the_temporary_directory(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = sharing._write_file
-    first = sharing._directories()[0]
+    real = fenfa.segments._write_file
+    first = fenfa.segments._directories()[0]
 
     def full_first_directory(path: str, *args: Any, **kwargs: Any) -> None:
         if os.path.dirname(path) == first:
             raise OSError(28, "No space left on device")
         real(path, *args, **kwargs)
 
-    monkeypatch.setattr(sharing, "_write_file", full_first_directory)
-    if first == sharing._directories()[-1]:
+    monkeypatch.setattr(fenfa.segments, "_write_file", full_first_directory)
+    if first == fenfa.segments._directories()[-1]:
         pytest.skip("no second directory to fall back to")
     big = np.arange(500_000.0)
     with fenfa.share(big) as handle, fenfa.Pool("process", 1) as pool:
@@ -365,7 +365,7 @@ def test_no_room_anywhere_is_a_clear_error_naming_the_size(tmp_path: Path) -> No
         assert proc.wait(timeout=30) == 0, script_output(tmp_path)
     out = (tmp_path / "stdout").read_text()
     assert "error: could not make room for 4.0 MiB (4194304 bytes) of shared data" in out, out
-    assert sharing.DIR_VARIABLE in out
+    assert fenfa.segments.DIR_VARIABLE in out
 
 
 # -- bad input ----------------------------------------------------------------------

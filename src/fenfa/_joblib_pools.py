@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from . import sharing
+from . import autoshare
 from .pool import Pool
 
 
@@ -99,7 +99,7 @@ class Call:
         # One scope for the whole call, not one per batch (a batch is one fenfa
         # call here): a grid search sends the same X to every batch, and it is
         # copied into shared memory once.
-        self.scope = sharing.Scope()
+        self.scope = autoshare.Scope()
 
     def forget(self, future: Future[Any]) -> None:
         with self.lock:

@@ -45,9 +45,9 @@ from .backends.awaiting import run_coroutine
 from .batchloop import attach_traceback
 from .errors import FenfaError
 from .options import CallOptions, check_callable
+from .outcomes import annotate, from_input
 from .progress import Progress
 from .tasks import is_coroutine_function
-from .window import annotate, from_input
 
 R = TypeVar("R")
 

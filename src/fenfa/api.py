@@ -16,7 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from .insights import Insights
 from .options import POOL_ONLY_OPTIONS, worker_count
-from .pool import Pool, resolve_backend
+from .pool import Pool
+from .pool_base import resolve_backend
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -51,7 +51,7 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from . import sharing
+from . import autoshare
 from ._joblib_pools import Call, Entry, acquire, release, shutdown, stop_running, taint
 from .backends import usable_cores
 from .errors import SerializationError, short_repr
@@ -112,11 +112,11 @@ def _timed(run: Callable[[Any], list[Any]], batch: Any) -> tuple[list[Any], tupl
     return results, (started, time.monotonic(), time.thread_time() - cpu, who)
 
 
-def _dumps(calls: Any, scope: sharing.Scope) -> bytes:
+def _dumps(calls: Any, scope: autoshare.Scope) -> bytes:
     """Pickle a batch as fenfa pickles task inputs: the standard pickle, cloudpickle
     where needed (lambdas, ``__main__``), large arrays shared within ``scope``."""
     try:
-        return sharing.dumps_items(calls, scope)
+        return autoshare.dumps_items(calls, scope)
     except Exception as exc:
         raise SerializationError(
             f"a joblib batch could not be pickled: {type(exc).__name__}: {exc}",

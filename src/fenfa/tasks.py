@@ -21,7 +21,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from .sharing import Scope
+from .autoshare import Scope
 
 
 class Style(enum.IntEnum):

@@ -11,14 +11,16 @@ The window counts every task pulled from the input and not yet handed to the
 consumer, results waiting in the reorder buffer included: a slow first task
 in an ordered ``imap`` stops the input being pulled, instead of letting
 finished results pile up behind it.
+
+The run reaches its pool through :class:`~fenfa.pool_base.PoolBase` (the
+backend, ``_submit_batch``, ``insights``), which sits below this module;
+:class:`fenfa.Pool`, which makes runs, sits above it.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import queue
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -26,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from .auto import Decision, completed, probe, unmeasured
 from .chunking import ChunkSizer
-from .errors import short_repr
 from .options import CallOptions
+from .outcomes import Delivery, Report, annotate, from_input, next_report, record
 from .progress import Progress
 from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
 
 if TYPE_CHECKING:
     from .backends import Backend
     from .insights import Insights
-    from .pool import Pool
+    from .pool_base import PoolBase
     from .speculation import Speculator
 
 # The default window holds this many batches per worker: one running, one
@@ -47,43 +49,9 @@ WINDOW_BATCHES_PER_WORKER = 4
 MAX_DEFAULT_WINDOW = 100_000
 
 
-def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseException:
-    tries = f" after {attempts} attempts" if attempts > 1 else ""
-    exc.add_note(f"fenfa: task {index} failed{tries}; input: {short_repr(item)}")
-    return exc
-
-
-def from_input(exc: Exception, given: int) -> Exception:
-    """Say that ``exc`` came from the input itself, after ``given`` items, not from a task."""
-    after = f"after item {given - 1} ({given} items given)" if given else "before its first item"
-    exc.add_note(f"fenfa: raised by the input {after}, not by a task")
-    return exc
-
-
 # The result iterators of fenfa calls, so that a call reading another's
 # results (a pipeline stage) can stop it when it stops itself.
 _stages: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
-
-
-class _Report:
-    """A job's ``deliver``: puts what a backend reports on the run's queue."""
-
-    __slots__ = ("_queue",)
-
-    def __init__(self, results: queue.SimpleQueue[tuple[Batch, list[Piece], float]]) -> None:
-        self._queue: queue.SimpleQueue[tuple[Batch, list[Piece], float]] | None = results
-
-    def __call__(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
-        results = self._queue
-        if results is not None:
-            results.put((batch, pieces, busy))
-
-    def close(self) -> None:
-        """The call is over: drop what came and what comes (a batch queued
-        here refers to the job, whose ``deliver`` is this: a cycle)."""
-        results, self._queue = self._queue, None
-        while results is not None and not results.empty():
-            results.get_nowait()
 
 
 class Run:
@@ -91,7 +59,7 @@ class Run:
 
     def __init__(
         self,
-        pool: Pool | None,
+        pool: PoolBase | None,
         fn: Callable[..., Any],
         style: Style,
         inputs: Iterator[Any],
@@ -100,14 +68,14 @@ class Run:
         ordered: bool,
         options: CallOptions,
         deadline: float | None = None,
-        chooser: Callable[[Decision], Pool] | None = None,
+        chooser: Callable[[Decision], PoolBase] | None = None,
         recorder: Insights | None = None,
     ) -> None:
         # With ``chooser`` (backend "auto"), the pool is known only once the
         # first tasks are measured: see _settle.
         self._pool = pool
         self._chooser = chooser
-        self._results: queue.SimpleQueue[tuple[Batch, list[Piece], float]] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.decision: Decision | None = None
         self._feed: Any = None  # auto's probe feed, for the evidence that comes late
         self._inputs = inputs
@@ -120,7 +88,7 @@ class Run:
         # The job reports to the queue, not to this run: no reference cycle,
         # so what the call holds (its function, its inputs) is freed as soon
         # as the call ends, without waiting for the cycle collector.
-        self._report = _Report(self._results)
+        self._report = Report(self._results)
         self._job = Job(fn, style, self._report)
         self._job.timeout = options.timeout
         # Nothing after a failure will be used: a backend that runs tasks in
@@ -188,7 +156,7 @@ class Run:
             )
 
     @property
-    def _target(self) -> Pool:
+    def _target(self) -> PoolBase:
         assert self._pool is not None, "settled before the first batch"
         return self._pool
 
@@ -251,36 +219,25 @@ class Run:
 
     # -- taking results -------------------------------------------------
 
-    def _wait(self, within: float | None = None) -> tuple[Batch, list[Piece], float] | None:
-        """The next report; None if ``within`` seconds pass first (speculation looks again)."""
-        if self._deadline is None and within is None:
-            return self._results.get()
-        remaining = math.inf if self._deadline is None else self._deadline - time.monotonic()
-        try:
-            return self._results.get(timeout=max(0.0, min(remaining, within or math.inf)))
-        except queue.Empty:
-            if within is not None and remaining > within:
-                return None
-            raise TimeoutError("the results did not all arrive within the timeout") from None
-
-    def _next_report(self) -> tuple[Batch, list[Piece], float] | None:
+    def _next_report(self) -> Delivery | None:
         """The next report; with ``speculate``, stragglers get a second attempt meanwhile."""
         speculator = self._speculator
         if speculator is None:
-            return self._wait()
+            return next_report(self._results, self._deadline)
         # A worker may idle because the input is exhausted, or because the
         # window is full behind a slow task (an ordered call's reorder buffer
         # waiting for it): either way nothing else can be sent it.
         idle = self._backend.idle_workers()
         if not self._exhausted and not idle:
-            return self._wait()
+            return next_report(self._results, self._deadline)
         speculator.workers = self._backend.workers
         copies, wait = speculator.due(idle)
         for copy in copies:
             self._target._submit_batch(copy, urgent=True, internal=True)
         from .speculation import FLOOR_SECONDS
 
-        return self._wait(wait if wait is not None else FLOOR_SECONDS)
+        within = wait if wait is not None else FLOOR_SECONDS
+        return next_report(self._results, self._deadline, within)
 
     def _stop_the_slower_attempts(self) -> None:
         """Every result is in: attempts still running lost the race; stop them."""
@@ -290,24 +247,6 @@ class Run:
         self._backend.abandon(self._job)
         self._target.insights.speculations.extend(speculator.outcomes)
 
-    def _record(self, batch: Batch, piece: Piece) -> None:
-        assert self._recorder is not None
-        if isinstance(piece, Ok):
-            start, count, error = piece.start, len(piece.values), None
-        else:
-            start, count, error = piece.index, 1, piece.error
-        self._recorder.add(
-            self._call,
-            start,
-            count,
-            piece.times,
-            submitted=batch.submitted,
-            attempt=batch.attempt,
-            error=error,
-            first_input=short_repr(batch.item(start)),
-            first_of_batch=start == batch.start,
-        )
-
     def _absorb(self, batch: Batch, pieces: list[Piece], busy: float) -> None:
         tasks = 0
         options = self._options
@@ -315,7 +254,7 @@ class Run:
             pieces = self._speculator.received(batch, pieces, busy)
         for piece in pieces:
             if piece.times is not None and self._recorder is not None:
-                self._record(batch, piece)
+                record(self._recorder, self._call, batch, piece)
             if isinstance(piece, Ok):
                 count = len(piece.values)
                 tasks += count
@@ -455,4 +394,4 @@ class Run:
             upstream.close()  # type: ignore[attr-defined]
 
 
-__all__ = ["Run", "annotate", "from_input"]
+__all__ = ["MAX_DEFAULT_WINDOW", "Run"]

@@ -48,7 +48,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import sharing
+from .. import autoshare, segments
 from ..errors import SerializationError, unpack_exception
 from ..tasks import Batch, Err, Job, Ok, Piece, Style
 
@@ -176,14 +176,14 @@ def function_payload(job: Job) -> tuple[bytes, bytes]:
     function redefined in a notebook must not be served stale.
     """
     try:
-        data, paths = sharing.dumps_function(job.fn, job.scope())
+        data, paths = autoshare.dumps_function(job.fn, job.scope())
     except Exception as exc:
         raise SerializationError(
             f"the function {job.fn!r} could not be pickled: {type(exc).__name__}: {exc}",
             what="function",
         ) from exc
     key = hashlib.blake2b(data, digest_size=16).digest()
-    sharing.note_function(key, paths)
+    segments.note_function(key, paths)
     return key, data
 
 
@@ -212,7 +212,7 @@ def mode(batch: Batch) -> int:
 def wire(batch: Batch) -> bytes:
     """The BATCH frame of ``batch``: its items pickled, large arrays among them shared
     (once per call)."""
-    body = sharing.dumps_items(batch.items, batch.job.scope())
+    body = autoshare.dumps_items(batch.items, batch.job.scope())
     job = batch.job
     assert job.payload is not None
     count = len(batch.items)

@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import memory, sharing
+from .. import memory, segments
 from ..batchloop import Stamper, caller, run_batch
 from ..errors import SerializationError, pack_exception
 from ..tasks import Err, Ok, Piece, Style
@@ -222,7 +222,7 @@ def _watch_parent(lifeline: Any, parent: int) -> None:
         lifeline.poll(None)  # nothing is ever written: this returns at end of file
         # The parent died without cleaning up (SIGKILL): its shared segments
         # would outlive everyone. Whichever worker gets here first removes them.
-        sharing.sweep(parent)
+        segments.sweep(parent)
     finally:
         _silence()
         os._exit(EXIT_ORPHANED)
@@ -358,7 +358,7 @@ def worker_main(
             continue
         if kind == FORGET:
             paths, keys = header
-            sharing.forget(paths)
+            segments.forget(paths)
             for key in keys:
                 functions.pop(key, None)
             continue

@@ -52,7 +52,7 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Any
 
-from .. import memory, relay, sharing
+from .. import memory, relay, segments
 from ..errors import FenfaError, PoolClosed
 from ..tasks import Batch, Job
 from ._handle import WorkerHandle
@@ -120,7 +120,7 @@ class ProcessBackend(WorkerLifecycle):
             self._stop_started_workers()
             raise
         _live.add(self)
-        sharing.add_listener(self)
+        segments.add_listener(self)
 
     # -- submitting -----------------------------------------------------
 
