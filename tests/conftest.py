@@ -12,6 +12,7 @@ import importlib
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,15 @@ import pytest
 import fenfa.api
 from fenfa import segments
 from helpers import WATCHDOG_SECONDS
+
+# A suite started in the background by a non-interactive shell (``make test
+# &``, a CI runner's ``nohup``) inherits SIGINT ignored, and an ignored signal
+# stays ignored across exec: every script the Ctrl-C tests start would shrug
+# off their SIGINT, as no user's terminal does. Python's own handler is reset
+# to the default at exec, so putting it back here gives each child the
+# disposition a user's program has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: Every backend the contract suite runs on. The serial backend is the oracle:
 #: each test compares the other backends' output with serial's for the same call.
