@@ -15,9 +15,12 @@ round-robin so that a noisy spell hits all of them alike; the table shows the
 minimum of the repetitions and its ratio to the best fixed backend. Warm against
 warm: before timing, every backend's default pool runs the whole workload once
 (for ``auto`` the warm-up is one whole call, which also warms the pool it picks).
-``auto`` measures each call afresh - its probe runs the call's first tasks on
+``auto`` measures a function's call - its probe runs the call's first tasks on
 threads, keeps their results, then sends the rest to the default pool of the
-backend it chose; what it chose is read from
+backend it chose - and remembers the decision for the function's next calls
+(:mod:`fenfa.deciding`): the ``auto`` row is such a later call, and the
+``auto, first call`` row a call whose function was forgotten first, so that it
+probes, as a script's one call of a function does; what it chose is read from
 ``fenfa.api._default_pool("auto", None).insights.decision`` right after each call.
 The goal is judged on the minima, as BENCHMARKING.md asks; the medians are shown
 beside them because a min of 3 hides a call in which ``auto`` chose badly.
@@ -224,15 +227,26 @@ def decision_now() -> dict[str, Any]:
     return asdict(decision) if decision is not None else {}
 
 
+# auto on a function it has not seen (or has forgotten): the call measures its first
+# tasks. Plain "auto" is a later call of the same function, which uses the decision
+# remembered from the last measured call (fenfa.deciding).
+FIRST_CALL = "auto, first call"
+
+
 def timed_map(fn: Callable[..., Any], inputs: list[Any], backend: str) -> tuple[float, list[Any]]:
+    if backend == FIRST_CALL:
+        memory = fenfa.api._default_pool("auto", None)._memory
+        assert memory is not None
+        memory.forget(fn)
+        backend = "auto"
     return harness.timed(lambda: fenfa.map(fn, inputs, backend=backend))
 
 
 def run_workload(work: Workload, reps: int) -> dict[str, Any]:
     load_before = harness.load()
-    rows = {b: Row(b) for b in ("serial", "thread", "process", "async", "auto")}
+    rows = {b: Row(b) for b in ("serial", "thread", "process", "async", "auto", FIRST_CALL)}
     for name in rows:
-        if name != "auto" and name not in work.backends:
+        if not name.startswith("auto") and name not in work.backends:
             rows[name].note = "n/a"
     want = work.expected
     # Warm-up: one whole call per backend's default pool; it also gives the reference.
@@ -255,7 +269,7 @@ def run_workload(work: Workload, reps: int) -> dict[str, Any]:
             else:
                 row.note = "n/a (ran without error?)"
     decisions: list[dict[str, Any]] = []
-    contenders = [*work.backends, "auto"]
+    contenders = [*work.backends, "auto", FIRST_CALL]
     # The order varies each repetition (forwards, backwards, rotated): a contender
     # that always ran right after the process backend would pay for its workers'
     # OpenBLAS threads, which spin on after the work for a while (measured: auto
@@ -265,9 +279,10 @@ def run_workload(work: Workload, reps: int) -> dict[str, Any]:
         row = rows[name]
         row.times.append(seconds)
         row.correct = row.correct and same(out, want, work.close)
-        if name == "auto":
+        if name.startswith("auto"):
             decision = decision_now()
-            decisions.append(decision)
+            if name == "auto":
+                decisions.append(decision)
             row.choices.append(decision.get("backend", "?"))
     load_after = harness.load()
     fixed = {n: rows[n].best for n in work.backends}
@@ -296,6 +311,7 @@ def run_workload(work: Workload, reps: int) -> dict[str, Any]:
         "auto_median_ratio": (rows["auto"].median or math.nan)
         / (rows[best_name].median or math.nan),
         "auto_not_worst": not_worst,
+        "first_call_ratio": (rows[FIRST_CALL].best or math.nan) / best,
         "goal_met": met,
         "warm_decision": warm_decision,
         "decisions": decisions,
@@ -337,9 +353,9 @@ def workload_report(result: dict[str, Any]) -> str:
             table.append([name, row["note"], "", "", "", ""])
             continue
         label = name
-        if name == "auto":
+        if name.startswith("auto"):
             picks = sorted(set(row["choices"]))
-            label = f"auto -> {', '.join(picks)}"
+            label = f"{name} -> {', '.join(picks)}"
         runs = ", ".join(fmt_time(t) for t in row["times"])
         table.append(
             [
@@ -384,10 +400,15 @@ def summary_report(results: list[dict[str, Any]]) -> str:
         if not_worst is False:
             goal += " (worst)"
         reason = (r["decisions"] or [r["warm_decision"]])[-1].get("reason", "-")
-        ratios = [f"{r['auto_ratio']:.2f}x", f"{r['auto_median_ratio']:.2f}x"]
+        ratios = [
+            f"{r['auto_ratio']:.2f}x",
+            f"{r['auto_median_ratio']:.2f}x",
+            f"{r['first_call_ratio']:.2f}x",
+        ]
         table.append([r["name"], r["best_fixed"], choice, *ratios, goal, reason])
     headers = (
-        "workload | best fixed | auto chose | auto / best (min) | (median) | goal | auto's reason"
+        "workload | best fixed | auto chose | auto / best (min) | (median) "
+        "| first call / best (min) | goal | auto's reason"
     )
     return harness.markdown_table(headers, table, pad=False)
 

@@ -56,7 +56,10 @@ def _default_pool(backend: str, workers: int | None) -> Pool:
         if pool is None:
             pool = _defaults[key] = Pool(key[0], workers)
             if pool.backend == "auto":
+                from .deciding import Memory
+
                 pool._router = lambda decision: _default_pool(decision.backend, workers)
+                pool._memory = Memory()
         return pool
 
 

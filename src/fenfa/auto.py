@@ -113,6 +113,9 @@ class Decision:
     #: Share of the measuring time the probe threads spent queued for a CPU
     #: that other programs held (Linux); above ~0.25 the GIL test is unreliable.
     contention: float | None = None
+    #: Taken from an earlier call of the same function, without probing
+    #: (module-level calls: see :mod:`fenfa.deciding`).
+    remembered: bool = False
 
 
 def unmeasured(fn: Callable[..., Any], why: str) -> Decision:
@@ -147,7 +150,7 @@ def completed(decision: Decision, feed: Feed) -> Decision:
     )
 
 
-def cannot_ship(fn: Callable[..., Any], sample: tuple[Any, Any] | None) -> str | None:
+def cannot_ship(fn: Callable[..., Any] | None, sample: tuple[Any, Any] | None) -> str | None:
     """Why ``fn`` (or a sample input and result) cannot travel to a process; None if it can.
 
     Pickled as the process backend does (cloudpickle), but with every

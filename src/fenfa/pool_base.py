@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
     from typing import Self
 
+    from .deciding import Memory
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -148,6 +150,7 @@ class PoolBase:
         # Module-level calls with backend "auto" measure every call and send
         # the rest to the default pool of the chosen backend.
         self._router: Callable[[Decision], PoolBase] | None = None
+        self._memory: Memory | None = None  # (a router's: fenfa.deciding)
         self._backend: Backend | None = None
         if self.backend != "auto":
             self._start_backend(self.backend)

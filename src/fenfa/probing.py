@@ -105,6 +105,9 @@ class ProbeThread(threading.Thread):
             self._run()
         finally:
             self.measured.set()  # (input ran out: nothing more to wait for)
+            # The feed lists this thread: no cycle may keep the call's
+            # function and inputs alive once the call is over.
+            del self._feed, self._job
 
     def _run(self) -> None:
         # Counted from here, not from start(): on a busy machine a new thread

@@ -26,12 +26,13 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .auto import Decision, completed, probe, unmeasured
+from .auto import Decision
 from .chunking import ChunkSizer
+from .deciding import Memory, conclude, decide
 from .options import CallOptions
 from .outcomes import Delivery, Report, annotate, from_input, next_report, record
 from .progress import Progress
-from .tasks import Batch, Job, Ok, Piece, Style, is_coroutine_function
+from .tasks import Batch, Job, Ok, Piece, Style
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -78,7 +79,8 @@ class Run:
         self._results: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.decision: Decision | None = None
         self._feed: Any = None  # auto's probe feed, for the evidence that comes late
-        self._inputs = inputs
+        self._memory: Memory | None = None  # a router's remembered decisions
+        self._inputs = self._upstream = inputs
         self._ordered = ordered
         self._options = options
         self._deadline = deadline
@@ -126,15 +128,10 @@ class Run:
     def _settle(self) -> None:
         """Measure the first tasks (they run for real), then pick the pool for the rest."""
         assert self._chooser is not None
-        job = self._job
-        if is_coroutine_function(job.fn):
-            decision, taken, exhausted = unmeasured(job.fn, ""), 0, False
-        elif job.timeout is not None:
-            why = "a timeout was given and measuring runs tasks on threads that cannot be stopped"
-            decision, taken, exhausted = unmeasured(job.fn, why), 0, False
-        else:
-            decision, feed = probe(job, self._inputs, self._options.window)
-            self._feed = feed
+        memory = self._memory = self._pool._memory if self._pool is not None else None
+        decision, feed, self._inputs = decide(memory, self._job, self._inputs, self._options.window)
+        self._feed, taken, exhausted = feed, 0, False
+        if feed is not None:
             taken, exhausted = feed.next_index, feed.exhausted
             if feed.error is not None:
                 # Raised once the probe's results before it are delivered.
@@ -207,10 +204,11 @@ class Run:
                 return  # it ran already: look at its outcome before running more
 
     def _complete_decision(self) -> None:
-        """Add the probe's task times that arrived after auto decided (long tasks)."""
-        if self._feed is None or self.decision is None:
+        """Add the probe's late task times (long tasks); let the router remember or check it."""
+        if self.decision is None:
             return
-        decision = completed(self.decision, self._feed)
+        seconds = self._sizer.task_seconds
+        decision = conclude(self._memory, self._job.fn, self.decision, self._feed, seconds)
         if decision is not self.decision:
             for holder in (self._recorder, self._target.insights):
                 if holder is not None and holder.decision is self.decision:
@@ -389,7 +387,7 @@ class Run:
         self._report.close()
         self._ready.clear()
         self._out.clear()
-        upstream = self._inputs
+        upstream = self._upstream
         if upstream in _stages:
             upstream.close()  # type: ignore[attr-defined]
 
