@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def test_a_torn_last_record_is_ignored_and_truncated(tmp_path: Path, logs: Path)
     clear(logs)
     assert fenfa.map(fn, range(10), journal=journal, backend="serial") == [3 * x for x in range(10)]
     assert executions(logs) == {9: 1}
+    whole = journal.stat().st_size  # (task 9 now in a record of the resumed run's kind)
     with journal.open("ab") as file:
         file.write(b"FJ\x02\x00garbage")  # a damaged tail (a machine crash's leftovers)
     clear(logs)
@@ -192,6 +194,86 @@ def test_raise_records_what_finished_and_not_the_failure(tmp_path: Path) -> None
     assert "fenfa: task 4 failed; input: 5" in caught.value.__notes__
     flag.unlink()
     assert fenfa.map(fn, range(1, 12), journal=journal, backend="serial") == list(range(2, 13))
+
+
+def returns_or_raises(directory: str, x: int) -> object:
+    """Returns an exception for 1 (a value like any other), raises for 2."""
+    logged(directory, x)
+    if x == 1:
+        return KeyError("returned, not raised")
+    if x == 2:
+        raise KeyError("raised")
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fresh_journal_tells_a_returned_exception_from_a_failure(
+    backend: str, tmp_path: Path, logs: Path
+) -> None:
+    journal = tmp_path / "run.fenfa"
+    fn = functools.partial(returns_or_raises, str(logs))
+    first = fenfa.map(fn, range(4), journal=journal, backend=backend, on_error="return")
+    assert [type(r) for r in first] == [int, KeyError, KeyError, int]
+    assert not getattr(first[1], "__notes__", None)  # a value: no failure note
+    assert "fenfa: task 2 failed; input: 2" in first[2].__notes__
+    clear(logs)
+    again = fenfa.map(fn, range(4), journal=journal, backend=backend, on_error="skip")
+    assert [str(r) if isinstance(r, KeyError) else r for r in again] == [
+        0,
+        "'returned, not raised'",
+        3,
+    ]
+    assert not executions(logs)  # the failure was recorded too (on_error="return")
+
+
+def test_a_fresh_journals_inputs_are_keyed_as_a_resumed_run_keys_them(
+    tmp_path: Path, logs: Path
+) -> None:
+    journal = tmp_path / "run.fenfa"
+    fn = functools.partial(noted, str(logs))
+    inputs = ["a", (1, 2), {"k": [1.5, None]}, 10**30, b"\x00", -0.0, "a"]
+    assert fenfa.map(fn, inputs, journal=journal, backend="thread") == inputs
+    assert len(list(logs.glob("ran-*"))) == 1
+    clear(logs)
+    assert fenfa.map(fn, inputs, journal=journal, backend="process") == inputs
+    assert not list(logs.glob("ran-*"))  # every one found by its key: none ran again
+    pairs = tmp_path / "pairs.fenfa"
+    assert fenfa.starmap(pow, [[2, 3], [3, 2]], journal=pairs, backend="serial") == [8, 9]
+    assert os.path.getsize(pairs) > 0
+    assert fenfa.starmap(pow, [(3, 2), (2, 3), (2, 2)], journal=pairs) == [9, 8, 4]
+    assert fenfa.starmap(pow, [], journal=tmp_path / "empty.fenfa") == []
+    assert fenfa.map(pow, [], [], journal=tmp_path / "empty.fenfa") == []
+
+
+def noted(directory: str, x: object) -> object:
+    with open(os.path.join(directory, f"ran-{os.getpid()}"), "a") as log:
+        log.write(f"{x!r}\n")
+    return x
+
+
+def unpicklable_result(x: int) -> object:
+    return threading.Lock() if x == 3 else x
+
+
+def test_a_fresh_journal_fails_only_what_it_cannot_record(tmp_path: Path) -> None:
+    journal = tmp_path / "run.fenfa"
+    got = fenfa.map(
+        unpicklable_result, range(6), journal=journal, backend="thread", on_error="return"
+    )
+    assert [r for i, r in enumerate(got) if i != 3] == [0, 1, 2, 4, 5]
+    assert isinstance(got[3], fenfa.SerializationError)
+    assert "the result of task 3 could not be pickled to be recorded" in str(got[3])
+    locks = [1, threading.Lock(), 2]
+    got = fenfa.map(
+        identity, locks, journal=tmp_path / "locks.fenfa", backend="thread", on_error="return"
+    )
+    assert got[0] == 1
+    assert got[2] == 2
+    assert "the input of task 1 could not be pickled for its key" in str(got[1])
+
+
+def identity(x: object) -> object:
+    return x
 
 
 def test_imap_is_lazy_and_ordered_on_an_endless_input(tmp_path: Path, logs: Path) -> None:

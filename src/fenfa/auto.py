@@ -41,8 +41,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
 from .probing import Feed, ProbeThread, native_threads_cpu, schedstat
 from .tasks import Job, is_coroutine_function
 
@@ -157,6 +155,8 @@ def cannot_ship(fn: Callable[..., Any] | None, sample: tuple[Any, Any] | None) -
     out-of-band buffer dropped on the floor: a large array captured by the
     function costs nothing to check.
     """
+    import cloudpickle  # (a call that never measures, or never ships, does without it)
+
     for what, obj in (("the function", fn), ("an input and its result", sample)):
         if obj is None:
             continue

@@ -19,13 +19,12 @@ objects it cannot save itself); cloudpickle only when that fails.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import threading
 import types
 from typing import Any
-
-import cloudpickle
 
 from . import sharing
 from .errors import FenfaError
@@ -68,35 +67,43 @@ class Scope:
             segment.release()
 
 
-class _SharingPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, plus: large plain arrays are shared, handles record their segments."""
+@functools.cache
+def _sharing_pickler() -> type[Any]:
+    """The pickler class, made at first use: cloudpickle costs ~7 ms to import,
+    which a script that only ever runs threads should not pay."""
+    import cloudpickle
 
-    def __init__(self, file: io.BytesIO, scope: Scope | None) -> None:
-        super().__init__(file, protocol=5)
-        self.scope = scope
-        self.paths: list[str] = []
+    class _SharingPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        """cloudpickle, plus: large plain arrays are shared, handles record their segments."""
 
-    def reducer_override(self, obj: Any) -> Any:
-        if (
-            self.scope is not None
-            and sharing._is_plain_array(obj)
-            and obj.nbytes >= sharing.AUTO_SHARE_BYTES
-        ):
-            spec = self.scope.reduce(obj)
-            self.paths.append(spec[1][0])
-            return spec
-        if type(obj) is sharing.Shared:
-            spec = obj.__reduce__()
-            if spec[0] is not rebuild_empty and spec[0] is not memoryview:
+        def __init__(self, file: io.BytesIO, scope: Scope | None) -> None:
+            super().__init__(file, protocol=5)
+            self.scope = scope
+            self.paths: list[str] = []
+
+        def reducer_override(self, obj: Any) -> Any:
+            if (
+                self.scope is not None
+                and sharing._is_plain_array(obj)
+                and obj.nbytes >= sharing.AUTO_SHARE_BYTES
+            ):
+                spec = self.scope.reduce(obj)
                 self.paths.append(spec[1][0])
-            return spec
-        if type(obj) is types.CodeType:
-            # cloudpickle writes "<dynamic-code>" as every function's file (a
-            # payload independent of where it was defined): tracebacks in the
-            # worker would show no file and no source. The real name travels.
-            _rebuild, args = cloudpickle.cloudpickle._code_reduce(obj)
-            return _code_in_file, (args, obj.co_filename)
-        return super().reducer_override(obj)
+                return spec
+            if type(obj) is sharing.Shared:
+                spec = obj.__reduce__()
+                if spec[0] is not rebuild_empty and spec[0] is not memoryview:
+                    self.paths.append(spec[1][0])
+                return spec
+            if type(obj) is types.CodeType:
+                # cloudpickle writes "<dynamic-code>" as every function's file (a
+                # payload independent of where it was defined): tracebacks in the
+                # worker would show no file and no source. The real name travels.
+                _rebuild, args = cloudpickle.cloudpickle._code_reduce(obj)
+                return _code_in_file, (args, obj.co_filename)
+            return super().reducer_override(obj)
+
+    return _SharingPickler
 
 
 def _code_in_file(args: tuple[Any, ...], filename: str) -> types.CodeType:
@@ -144,13 +151,13 @@ def dumps_items(obj: Any, scope: Scope) -> bytes:
     except Exception:
         pass
     buffer = io.BytesIO()
-    _SharingPickler(buffer, scope if sharing._ndarray_type() is not None else None).dump(obj)
+    _sharing_pickler()(buffer, scope if sharing._ndarray_type() is not None else None).dump(obj)
     return buffer.getvalue()
 
 
 def dumps_function(fn: Any, scope: Scope | None) -> tuple[bytes, list[str]]:
     """cloudpickle ``fn``; also the segments its bytes refer to."""
     buffer = io.BytesIO()
-    pickler = _SharingPickler(buffer, scope if sharing._ndarray_type() is not None else None)
+    pickler = _sharing_pickler()(buffer, scope if sharing._ndarray_type() is not None else None)
     pickler.dump(fn)
     return buffer.getvalue(), pickler.paths

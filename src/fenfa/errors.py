@@ -164,6 +164,15 @@ def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:
     return None, tb, type(exc).__qualname__, str(exc)
 
 
+def pack_failure(error: BaseException) -> tuple[bytes | None, str, str, str]:
+    """:func:`pack_exception` of a task's failure as the caller got it: with the
+    worker's traceback (its ``RemoteTraceback`` cause), not the caller's re-raise."""
+    data, tb, type_name, message = pack_exception(error)
+    if isinstance(error.__cause__, RemoteTraceback):
+        tb = error.__cause__.tb
+    return data, tb, type_name, message
+
+
 class _Rebuilt:
     """Pickles as "make this exception type without calling its ``__init__``"."""
 

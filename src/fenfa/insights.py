@@ -22,10 +22,14 @@ import itertools
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .auto import Decision
-from .summary import PieceRecord, Summary, TaskRecord, WorkerLine, worker_name
+if TYPE_CHECKING:
+    from .auto import Decision
+    from .summary import PieceRecord, Summary, TaskRecord
+
+# (The records are made when read: :mod:`fenfa.summary`'s dataclasses cost a
+# few milliseconds to define, which every script that makes a Pool would pay.)
 
 __all__ = ["Insights"]
 
@@ -94,6 +98,8 @@ class Insights:
     # -- reading ----------------------------------------------------------
 
     def _snapshot(self) -> list[PieceRecord]:
+        from .summary import PieceRecord
+
         with self._lock:
             raw, self._raw = self._raw, []  # (list.append is atomic: no lock to add)
             for call, start, count, times, submitted, attempt, error, text, first in raw:
@@ -121,6 +127,8 @@ class Insights:
         return list(_expand(self._snapshot()))
 
     def summary(self, slowest: int = 5) -> Summary:
+        from .summary import Summary, WorkerLine, worker_name
+
         pieces = self._snapshot()
         records = list(_expand(pieces))
         if not pieces:
@@ -174,6 +182,8 @@ class Insights:
 
 
 def _expand(pieces: list[PieceRecord]) -> Iterator[TaskRecord]:
+    from .summary import TaskRecord
+
     for piece in pieces:
         worker, pid, process, thread, backend = piece.who
         step = (piece.ended - piece.started) / piece.count

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import os
 import pickle
 import re
@@ -52,8 +51,18 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import RemoteTraceback, SerializationError, pack_exception, short_repr
-from .journal_file import FAILED, FSYNC, OK, RECORD, Failure, Journal, JournalError
+from .errors import SerializationError, pack_failure, short_repr
+from .journal_file import (
+    FAILED,
+    FSYNC,
+    OK,
+    RECORD,
+    Failure,
+    Journal,
+    JournalError,
+    dumps,
+    key_base,
+)
 from .options import check_callable
 from .outcomes import from_input
 from .tasks import is_coroutine_function
@@ -63,6 +72,7 @@ if TYPE_CHECKING:
     from typing import Protocol
 
     from .options import CallOptions
+    from .tasks import Style
     from .window import Run
 
     class _Pool(Protocol):
@@ -72,6 +82,16 @@ if TYPE_CHECKING:
 
         def _check_fits(self, fn: Callable[..., Any]) -> None: ...
         def _check_open(self) -> None: ...
+        def _run(
+            self,
+            fn: Callable[..., Any],
+            style: Style,
+            inputs: Iterable[Any],
+            *,
+            total: int | None,
+            ordered: bool,
+            options: dict[str, Any],
+        ) -> Run: ...
         def _spread(
             self,
             fn: Callable[..., Any],
@@ -93,16 +113,6 @@ def function_name(fn: Callable[..., Any]) -> str:
         return f"functools.partial({function_name(fn.func)})"
     target: Any = fn if hasattr(fn, "__qualname__") else type(fn)
     return f"{getattr(target, '__module__', None) or '?'}.{target.__qualname__}"
-
-
-def _dumps(obj: object) -> bytes:
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception:
-        import cloudpickle  # lambdas, closures, __main__ classes; imported only when needed
-
-        data: bytes = cloudpickle.dumps(obj, protocol=5)
-        return data
 
 
 class _Call:
@@ -130,7 +140,7 @@ class _AsyncCall(_Call):
 
 def _encode(value: object) -> bytes:
     try:
-        return _dumps(value)
+        return dumps(value)
     except Exception as exc:
         raise SerializationError(
             f"journal=: the result could not be pickled to be recorded: {type(exc).__name__}: {exc}"
@@ -145,10 +155,7 @@ class _Feed:
     ) -> None:
         self.source, self.star, self.journal = source, star, journal
         self.retry_failed, self.limit = retry_failed, limit
-        base = hashlib.blake2b(digest_size=16)
-        name = journal.name.encode("utf-8", "surrogateescape")
-        base.update(len(name).to_bytes(8, "little") + name)
-        self._base = base
+        self._base = key_base(journal.name)
         self.position = 0
         self.pending: dict[int, tuple[int, bytes, Any]] = {}  # index -> (position, key, args)
         self.stored: collections.deque[tuple[int, int]] = collections.deque()  # (position, offset)
@@ -178,7 +185,7 @@ class _Feed:
                 try:
                     digest.update(dumps(args if star else (args,), 5))
                 except Exception:
-                    digest.update(_dumps(args if star else (args,)))
+                    digest.update(dumps(args if star else (args,)))
                 key = digest.digest()
             except StopIteration:
                 self.exhausted = True
@@ -208,15 +215,24 @@ def journaled(
     *,
     ordered: bool,
     star: bool = False,
-) -> Iterator[Any] | None:
+    collect: bool = False,
+) -> Iterator[Any] | list[Any] | None:
     """Take the ``journal`` options out of ``options``; None without a journal (a plain call).
 
     ``star``: ``iterables`` is one iterable of argument tuples (``starmap``).
-    ``map`` and ``starmap`` make a list of the results.
+    ``collect``: the list of the results (``map``, ``starmap``), made a chunk at a time.
     """
     chunks = _start(pool, fn, iterables, options, ordered, star)
     if chunks is None:
         return None
+    if collect:
+        out: list[Any] = []
+        try:
+            for chunk in chunks:
+                out.extend(chunk)
+        finally:
+            chunks.close()
+        return out
     results = _flatten(chunks)
     _stages.add(results)  # (a pipeline stage downstream stops this one when it stops)
     return results
@@ -255,13 +271,18 @@ def _start(
     pool._check_fits(fn)
     pool._check_open()
     call = pool._options.update(options)  # (checks them now, as a plain call does)
-    source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
     star = star or len(iterables) > 1
     journal = Journal(os.fspath(path), function_name(fn), fsync)
-    feed = _Feed(source, star, journal, retry_failed, call.window or MAX_DEFAULT_WINDOW)
-    wrapper = (_AsyncCall if is_coroutine_function(fn) else _Call)(fn, star)
     inner = {**options, "on_error": "return"}  # (on_error is applied here, in input order)
-    chunks = _merge(pool, wrapper, feed, inner, call.on_error, ordered)
+    if not journal.has_records:  # nothing to skip: the whole call runs, written batch by batch
+        from .journal_fast import fresh
+
+        chunks = fresh(pool._run, fn, iterables, star, journal, inner, call.on_error, ordered)
+    else:
+        source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
+        feed = _Feed(source, star, journal, retry_failed, call.window or MAX_DEFAULT_WINDOW)
+        wrapper = (_AsyncCall if is_coroutine_function(fn) else _Call)(fn, star)
+        chunks = _merge(pool, wrapper, feed, inner, call.on_error, ordered)
     weakref.finalize(chunks, journal.close)  # (an imap never iterated)
     return chunks
 
@@ -337,7 +358,7 @@ def _record(feed: _Feed, values: list[Any], on_error: str) -> list[tuple[int, li
             position, key, args = pending.pop(index)
             _renote(result, index, position, args)
             if on_error == "return":
-                blob = pickle.dumps(_packed(result), protocol=5)
+                blob = pickle.dumps(pack_failure(result), protocol=5)
                 parts += (pack(key, FAILED, len(blob)), blob)
             elif on_error == "raise":
                 feed.stop = True  # nothing after the first failure is needed
@@ -370,11 +391,3 @@ def _renote(error: BaseException, index: int, position: int, args: Any) -> None:
         if found and int(found.group(1)) == index:
             notes[n] = f"fenfa: task {position} failed{found.group(2)}; input: {short_repr(args)}"
             return
-
-
-def _packed(error: BaseException) -> tuple[bytes | None, str, str, str]:
-    """What :func:`fenfa.errors.unpack_exception` rebuilds the failure from, on a rerun."""
-    data, tb, type_name, message = pack_exception(error)
-    if isinstance(error.__cause__, RemoteTraceback):
-        tb = error.__cause__.tb  # the worker's traceback, not the caller's re-raise
-    return data, tb, type_name, message

@@ -121,24 +121,27 @@ class Pool(PoolBase):
         options: dict[str, Any],
         ordered: bool = True,
         star: bool = False,
-    ) -> Iterator[Any] | None:
-        """A call with ``journal=`` options, through :mod:`fenfa.journaled`; else None."""
+        collect: bool = False,
+    ) -> Any:
+        """A call with ``journal=`` options, through :mod:`fenfa.journaled`; else None.
+
+        Its results' iterator, or with ``collect`` their list."""
         if not _JOURNAL_OPTIONS & options.keys():
             return None
         from .journaled import journaled  # (imported only by calls that use it)
 
-        return journaled(self, fn, iterables, options, ordered=ordered, star=star)
+        return journaled(self, fn, iterables, options, ordered=ordered, star=star, collect=collect)
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> list[R]:
         """``list(map(fn, *iterables))`` on the workers; raises the first failure seen."""
-        if (journaled := self._journaled(fn, iterables, options)) is not None:
-            return list(journaled)
+        if (journaled := self._journaled(fn, iterables, options, collect=True)) is not None:
+            return journaled  # type: ignore[no-any-return]
         return self._spread(fn, iterables, True, options).collect()
 
     def imap(self, fn: Callable[..., R], *iterables: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazy and ordered; at most ``window`` inputs pulled ahead of the consumer."""
         if (journaled := self._journaled(fn, iterables, options)) is not None:
-            return journaled
+            return journaled  # type: ignore[no-any-return]
         return self._spread(fn, iterables, True, options).results()
 
     def imap_unordered(
@@ -146,15 +149,16 @@ class Pool(PoolBase):
     ) -> Iterator[R]:
         """Lazy; results in the order they finish."""
         if (journaled := self._journaled(fn, iterables, options, ordered=False)) is not None:
-            return journaled
+            return journaled  # type: ignore[no-any-return]
         return self._spread(fn, iterables, False, options).results()
 
     def starmap(
         self, fn: Callable[..., R], iterable: Iterable[Iterable[Any]], **options: Any
     ) -> list[R]:
         """``[fn(*args) for args in iterable]`` on the workers."""
-        if (journaled := self._journaled(fn, (iterable,), options, star=True)) is not None:
-            return list(journaled)
+        journaled = self._journaled(fn, (iterable,), options, star=True, collect=True)
+        if journaled is not None:  # (a list, perhaps empty)
+            return journaled  # type: ignore[no-any-return]
         run = self._run(
             fn,
             Style.STAR,

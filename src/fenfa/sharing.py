@@ -39,8 +39,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from .errors import FenfaError, SerializationError, short_repr
 from .segments import (
     Segment,
@@ -249,6 +247,8 @@ def _pickle_once(obj: Any) -> bytes:
         return pickle.dumps(obj, protocol=5)
     except Exception:
         pass
+    import cloudpickle  # (only for what the standard pickle cannot do)
+
     try:
         return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
     except Exception as exc:

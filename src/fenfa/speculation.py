@@ -155,8 +155,9 @@ class Speculator:
         median = statistics.median(self._times) if self._times else 0.0
         return max(FLOOR_SECONDS, FACTOR * median)
 
-    def due(self, idle: int | None) -> tuple[list[Batch], float | None]:
-        """Copies to send now, one per idle worker, and seconds until the next may be due.
+    def due(self, idle: int | None) -> tuple[list[Batch], float]:
+        """Copies to send now, one per idle worker, and seconds until the next may be due
+        (``FLOOR_SECONDS`` when nothing runs that could become due).
 
         ``idle`` is what the backend says; where it cannot tell, the flights
         are counted (a copy keeps a second worker busy).
@@ -177,7 +178,7 @@ class Speculator:
                 wait = -late if wait is None else min(wait, -late)
                 continue
             copies.append(self._copy(flight))
-        return copies, wait
+        return copies, FLOOR_SECONDS if wait is None else wait
 
     def _copy(self, flight: _Flight) -> Batch:
         batch = flight.batch

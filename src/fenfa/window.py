@@ -118,6 +118,8 @@ class Run:
             from .speculation import Speculator
 
             self._speculator = Speculator()
+        #: Called with (batch, start, values, failed) for each final outcome, as it comes.
+        self.witness: Callable[[Batch, int, list[Any], bool], None] | None = None
         self._recorder = recorder
         if recorder is not None:
             self._call = recorder.new_call()
@@ -232,10 +234,7 @@ class Run:
         copies, wait = speculator.due(idle)
         for copy in copies:
             self._target._submit_batch(copy, urgent=True, internal=True)
-        from .speculation import FLOOR_SECONDS
-
-        within = wait if wait is not None else FLOOR_SECONDS
-        return next_report(self._results, self._deadline, within)
+        return next_report(self._results, self._deadline, wait)
 
     def _stop_the_slower_attempts(self) -> None:
         """Every result is in: attempts still running lost the race; stop them."""
@@ -257,6 +256,8 @@ class Run:
                 count = len(piece.values)
                 tasks += count
                 self._unfinished -= count
+                if self.witness is not None:  # (journal=: it records them now)
+                    self.witness(batch, piece.start, piece.values, False)
                 self._put(piece.start, count, piece.values)
                 continue
             tasks += 1
@@ -272,6 +273,8 @@ class Run:
             if self._progress is not None:
                 self._progress.failure()
             error = annotate(piece.error, index, item, batch.attempt)
+            if self.witness is not None:
+                self.witness(batch, index, [error], True)
             if options.on_error == "return":
                 self._put(index, 1, [error])
             elif options.on_error == "skip":
