@@ -69,6 +69,15 @@ def test_a_plain_thread_map_does_not_start_asyncio_or_tqdm() -> None:
     )
 
 
+@pytest.mark.timeout(60)
+def test_a_thread_pool_needs_neither_cloudpickle_nor_the_insights_records() -> None:
+    code = "import fenfa\nwith fenfa.Pool('thread', 2) as p:\n    assert p.map(abs, [-1]) == [1]"
+    loaded = modules_after(code)
+    assert not loaded & {"cloudpickle", "fenfa.summary"}, sorted(loaded)
+    # (still importable from where they were)
+    assert modules_after("from fenfa.insights import Summary, TaskRecord") >= {"fenfa.summary"}
+
+
 def test_the_package_pickles_by_name() -> None:
     """A __main__ function sent by value refers to fenfa: the package must pickle."""
     import pickle

@@ -206,3 +206,12 @@ def _expand(pieces: list[PieceRecord]) -> Iterator[TaskRecord]:
                 input=piece.input if offset == 0 else "(batched)",
                 batched=piece.count,
             )
+
+
+def __getattr__(name: str) -> Any:
+    """``fenfa.insights.TaskRecord`` & co., loaded when named (from :mod:`fenfa.summary`)."""
+    if name in ("PieceRecord", "Summary", "TaskRecord", "WorkerLine"):
+        from . import summary
+
+        return getattr(summary, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
