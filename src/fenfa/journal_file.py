@@ -116,7 +116,7 @@ class Journal:
         self._failed: dict[bytes, int | list[int]] = {}
         self._map: mmap.mmap | None = None
         self._bulk: tuple[int, list[Any], set[int]] | None = None  # the last bulk frame read
-        self._dirty = False
+        self._dirty = self._new = False
         self._synced = time.monotonic()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -224,8 +224,13 @@ class Journal:
     def _create(self) -> None:
         header = json.dumps({"format": FORMAT, "function": self.name, "pickle": 5}).encode()
         self._write(MAGIC + _FRAME.pack(b"FJ", _HEADER, len(header), zlib.crc32(header)) + header)
-        self.sync()
-        try:  # the new file's name, too, survives a machine crash
+        # Synced with the first results (or at the end): a sync here, before
+        # anything worth keeping, cost a 50 ms call of tiny tasks 5 %.
+        self._dirty = self._new = True
+
+    def _sync_directory(self) -> None:
+        """The new file's name, too, survives a machine crash."""
+        try:
             directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         except OSError:
             return
@@ -324,6 +329,9 @@ class Journal:
 
     def sync(self) -> None:
         getattr(os, "fdatasync", os.fsync)(self._fd)
+        if self._new:
+            self._sync_directory()
+            self._new = False
         self._dirty = False
         self._synced = time.monotonic()
 
