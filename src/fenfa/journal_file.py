@@ -193,14 +193,7 @@ class Journal:
         unpack, size = RECORD.unpack_from, RECORD.size
         while offset < end:
             key, status, length = unpack(data, offset)
-            into = self._ok if status == OK else self._failed
-            found = into.get(key)
-            if found is None:
-                into[key] = offset
-            elif isinstance(found, int):
-                into[key] = [found, offset]
-            else:
-                found.append(offset)
+            _add(self._ok if status == OK else self._failed, key, offset)
             offset += size + length
 
     def _index_bulk(self, data: mmap.mmap, body: int) -> None:
@@ -212,14 +205,7 @@ class Journal:
         for index, item in enumerate(items):
             key = input_key(base, tuple(item) if star else (item,))
             into = self._failed if index in failed else self._ok
-            reference = -((body << BULK_BITS) | index) - 1
-            found = into.get(key)
-            if found is None:
-                into[key] = reference
-            elif isinstance(found, int):
-                into[key] = [found, reference]
-            else:
-                found.append(reference)
+            _add(into, key, -((body << BULK_BITS) | index) - 1)
 
     def _create(self) -> None:
         header = json.dumps({"format": FORMAT, "function": self.name, "pickle": 5}).encode()
@@ -348,6 +334,17 @@ class Journal:
                 self._map = None
             os.close(self._fd)  # (releases the lock)
             self._fd = -1
+
+
+def _add(index: dict[bytes, int | list[int]], key: bytes, place: int) -> None:
+    """One more stored record of ``key`` (most keys have one: an int, not a list)."""
+    found = index.get(key)
+    if found is None:
+        index[key] = place
+    elif isinstance(found, int):
+        index[key] = [found, place]
+    else:
+        found.append(place)
 
 
 class Failure:
