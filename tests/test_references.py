@@ -19,11 +19,6 @@ import pytest
 
 import fenfa
 
-#: Known, not yet fixed: on the async and dask backends a *raising* task's
-#: arguments still wait for the collector (asyncio's Task result, and
-#: distributed's future, hold the exception whose traceback leads back).
-CASES_SKIPPED_ON = {("async", "raising"), ("dask", "raising")}
-
 
 class Big:
     """Stands for the 100 MB object a user captures in a closure or a partial."""
@@ -100,8 +95,6 @@ async def _async_keep(big: Big, x: int) -> int:
 def test_arguments_are_freed_without_the_cycle_collector(
     backend: str, call: str, request: pytest.FixtureRequest
 ) -> None:
-    if (backend, call) in CASES_SKIPPED_ON:
-        pytest.skip("known: see CASES_SKIPPED_ON")
     options: dict[str, Any] = {}
     if backend == "dask":
         options["address"] = request.getfixturevalue("dask_cluster")

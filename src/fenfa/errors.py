@@ -195,5 +195,25 @@ def unpack_exception(packed: tuple[bytes | None, str, str, str]) -> BaseExceptio
             exc = UnpicklableError(type_name, message)
     else:
         exc = UnpicklableError(type_name, message)
+    _drop_tracebacks(exc)
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Forget tracebacks rebuilt by unpickling (the worker's is kept as text).
+
+    With ``distributed`` imported, tblib's pickling support rebuilds an
+    exception's traceback in the caller by raising it there: its frames link
+    back (``f_back``) to the caller's frames that were unpickling it, which
+    hold the batch, so the task's function and input lived on in a cycle.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        todo += (current.__cause__, current.__context__)

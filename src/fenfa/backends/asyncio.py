@@ -303,8 +303,10 @@ class AsyncBackend(Backend):
         finally:
             if future.cancelled():  # its thread may go on: shutdown cannot join it
                 self._threads_abandoned = True
-            # The future holds the task's exception, whose traceback holds this frame.
-            del future
+            # The future holds the task's exception, whose traceback holds this
+            # frame; the timeout scope holds the asyncio Task, whose result
+            # holds the exception: no cycle may keep the task's input alive.
+            del future, scope
 
     def _in_thread(self, call: Callable[[Any], Any], item: Any) -> Any:
         previous = set_slot(0, self.name, self._state)

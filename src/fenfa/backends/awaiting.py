@@ -36,6 +36,8 @@ async def run_coroutine(
             index=index,
             limit=limit,
         ) from None
+    finally:
+        del scope  # (it holds the Task, whose result leads back here: no cycle)
 
 
 __all__ = ["run_coroutine"]
