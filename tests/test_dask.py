@@ -105,6 +105,16 @@ def slow_pid(x: int) -> tuple[int, int]:
     return x, os.getpid()
 
 
+def stalls_at_40(directory: str, x: int) -> tuple[int, int]:
+    """Task 40 says which worker runs it, then stalls there until that worker is killed."""
+    if x == 40:
+        marker = Path(directory) / "running-40"
+        marker.with_suffix(".tmp").write_text(str(os.getpid()))
+        marker.with_suffix(".tmp").rename(marker)
+        time.sleep(60)  # (killed long before: the test fails on its timeout otherwise)
+    return slow_pid(x)
+
+
 @pytest.fixture(scope="module")
 def pool() -> Iterator[fenfa.Pool]:
     with fenfa.Pool("dask", 2) as pool:
@@ -396,24 +406,33 @@ def test_killed_worker_in_a_real_deployment(tmp_path: Path) -> None:
             client.wait_for_workers(2, timeout=30)
         n = 300
         got: dict[int, Any] = {}
-        killed = None
+        marker = tmp_path / "running-40"
+        killed: list[int] = []
+
+        def kill_the_worker_running_40() -> None:
+            # (Killing whichever worker sent some result raced with that worker
+            # going idle: it then had no task to lose.)
+            wait_for(marker.exists, "task 40 to start", 30)
+            killed.append(int(marker.read_text()))
+            os.kill(killed[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_the_worker_running_40)
+        killer.start()
+        fn = functools.partial(stalls_at_40, str(tmp_path))
         with fenfa.Pool("dask", address=address) as pool:
             assert pool.workers == 2
-            for value in pool.imap_unordered(slow_pid, range(n), on_error="return"):
+            for value in pool.imap_unordered(fn, range(n), on_error="return"):
                 if isinstance(value, BaseException):
                     got[value.index] = value  # type: ignore[attr-defined]
                     continue
                 x, pid = value
                 got[x] = pid
-                if killed is None and len(got) >= 20:
-                    killed = pid
-                    os.kill(pid, signal.SIGKILL)
+        killer.join()
         assert sorted(got) == list(range(n))
-        assert killed is not None
         crashed = [i for i, v in got.items() if isinstance(v, BaseException)]
         assert all(isinstance(got[i], fenfa.WorkerCrashed) for i in crashed)
-        assert crashed, "the killed worker was running a task"
-        survivors = {v for v in got.values() if isinstance(v, int)} - {killed}
+        assert 40 in crashed, "the task the killed worker was running failed"
+        survivors = {v for v in got.values() if isinstance(v, int)} - set(killed)
         assert len(survivors) == 1
     finally:
         for proc in reversed(procs):
