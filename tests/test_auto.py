@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,50 @@ def test_pure_python_computing_goes_to_processes() -> None:
     assert decision.parallel_slowdown is not None
     assert decision.parallel_slowdown > 1.3  # two copies took turns on the GIL
     assert "GIL" in decision.reason
+
+
+class BusyPythonThreads:
+    """Other Python threads of the program, holding the GIL two thirds of the time."""
+
+    def __init__(self, count: int) -> None:
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._work) for _ in range(count)]
+
+    def _work(self) -> None:
+        while not self.stop.wait(0.0005):  # the shape of the load, not a wait for anything
+            n = 0
+            while n < 30_000:  # ~1 ms holding the GIL
+                n += 1
+
+    def __enter__(self) -> BusyPythonThreads:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+@pytest.mark.timeout(120)
+def test_the_gil_other_threads_hold_is_not_taken_for_waiting() -> None:
+    # While the program's own threads hold the GIL, a probe thread running a
+    # pure-Python task spends most of its time waiting for the GIL: that is
+    # not the task waiting on IO, and threads would only take turns with them.
+    with BusyPythonThreads(3):
+        for _ in range(5):
+            results, decision, backend = decide(count, list(range(40)))
+            assert results == list(range(40))
+            assert backend == decision.backend == "process", decision.reason
+
+
+@pytest.mark.timeout(120)
+def test_a_task_that_waits_still_goes_to_threads_beside_a_busy_thread() -> None:
+    with BusyPythonThreads(1):
+        results, decision, backend = decide(wait_a_little, list(range(12)))
+    assert results == list(range(12))
+    assert backend == decision.backend == "thread", decision.reason
 
 
 @pytest.mark.timeout(120)

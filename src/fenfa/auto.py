@@ -20,6 +20,11 @@ on the call's own first tasks, whose results are kept (nothing runs twice):
    the two apart (two threads get one core's worth either way); it then errs
    towards processes, which run both kinds in parallel.
 
+The program's other Python threads are accounted for: CPU they used while a
+probe thread ran was mostly the GIL the probe thread waited for, which is not
+the task waiting. And whether a task is too small to ship is judged by its
+time on a CPU, which other programs preempting it does not lengthen.
+
 Then: a coroutine function goes to ``async``; a task that waits goes to
 ``thread``; one that computes with the GIL released goes to ``thread``; one
 that already uses several cores by itself, or is so small that shipping it to
@@ -41,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .probing import Feed, ProbeThread, native_threads_cpu, schedstat
+from .probing import Feed, ProbeThread, cpu_since, schedstat, threads_cpu
 from .tasks import Job, is_coroutine_function
 
 # How long each probe phase lasts. 10 ms is ~100 scheduler ticks' worth of
@@ -139,10 +144,10 @@ def completed(decision: Decision, feed: Feed) -> Decision:
     if decision.task_seconds is not None:
         return decision
     done = [thread.done_before(math.inf) for thread in feed.threads]
-    tasks = sum(count for count, _, _ in done)
+    tasks = sum(count for count, *_ in done)
     if not tasks:
         return decision
-    wall, cpu = sum(seconds for _, seconds, _ in done), sum(cpu for _, _, cpu in done)
+    wall, cpu = sum(seconds for _, seconds, *_ in done), sum(cpu for _, _, cpu, _ in done)
     return dataclasses.replace(
         decision, task_seconds=wall / tasks, cpu_seconds=cpu / tasks, tasks_measured=tasks
     )
@@ -187,29 +192,34 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     feed = Feed(inputs, job, min(limit or MAX_PROBE_TASKS, MAX_PROBE_TASKS))
     alone = ProbeThread(feed, job, "fenfa-probe-0")
     feed.threads.append(alone)
-    native_before = native_threads_cpu()
+    native_before, python_before = threads_cpu()
     process_cpu, begin = time.process_time(), time.perf_counter()
     alone.start()
     alone.measured.wait(ALONE_SECONDS)
     # Both clocks at once, before anything that lets go of the GIL: while this
     # thread waits to get it back, a probe thread holding it keeps computing.
     middle, process_cpu = time.perf_counter(), time.process_time() - process_cpu
-    native = sum(
-        seconds - native_before.get(tid, 0.0) for tid, seconds in native_threads_cpu().items()
-    ) / (middle - begin)
+    native_after, python_after = threads_cpu()
+    native = cpu_since(native_before, native_after) / (middle - begin)
+    # The GIL the program's other Python threads held meanwhile was not free
+    # for the probe thread: that time is not the task waiting.
+    others = cpu_since(python_before, python_after, skip={alone.native_id})
     alone.ready.wait()
     cpu_alone = alone.wanted_clock()
     if cpu_alone is not None and alone.wanted_at_start is not None:
         cpu_alone -= alone.wanted_at_start
     cores = process_cpu / (middle - begin)
-    tasks, wall, cpu = alone.done_before(middle)
+    tasks, wall, cpu, on_cpu = alone.done_before(middle)
     if cpu_alone is None:  # the thread already ended: all measured in chunks
         cpu_alone = cpu
     if tasks == 0:
-        ratio = min(1.0, cpu_alone / max(middle - alone.began, 1e-9))
+        ratio = min(1.0, cpu_alone / max(middle - alone.began - others, cpu_alone, 1e-9))
     else:
-        ratio = cpu / wall if wall else 1.0
+        ratio = cpu / max(wall - others, cpu) if wall else 1.0
     per_task = wall / tasks if tasks else None
+    # What a task that computes costs, judged by its time on a CPU: on a busy
+    # machine the wall clock also counts the time other programs held it.
+    task_cost = min(wall, on_cpu / max(ratio, WAITING_BELOW)) / tasks if tasks else None
     per_cpu = cpu / tasks if tasks else None
     evidence: dict[str, Any] = {
         "task_seconds": per_task,
@@ -252,33 +262,36 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     ship = _ship_seconds(alone.sample)
 
     def small(reason_tail: str, cost: float = ship) -> tuple[Decision, Feed]:
-        assert per_task is not None
+        assert task_cost is not None
         return settle(
             "serial",
-            f"a task takes {per_task * 1e6:.2g} us, less than twice the ~{cost * 1e6:.2g} us "
+            f"a task takes {task_cost * 1e6:.2g} us, less than twice the ~{cost * 1e6:.2g} us "
             f"that shipping it to another process and its result back would cost{reason_tail}, "
             "so running in the caller is fastest",
         )
 
-    if per_task is not None and per_task < 2 * SHIP_SECONDS:
+    if task_cost is not None and task_cost < 2 * SHIP_SECONDS:
         return small("", SHIP_SECONDS)  # too small for any pool: even a thread hand-off costs more
     # It computes: do two copies run in parallel on threads, or take turns on the GIL?
     pair = ProbeThread(feed, job, "fenfa-probe-1")
     feed.threads.append(pair)
     started = time.perf_counter()
     before, stat_before = alone.cpu_clock(), schedstat(alone.native_id)
+    python_before = threads_cpu()[1]
     pair.start()
     pair.join(PAIR_SECONDS)
     elapsed = time.perf_counter() - started
     after, other = alone.cpu_clock(), pair.cpu_clock()
     stats = [schedstat(alone.native_id), schedstat(pair.native_id)]
+    probes = {alone.native_id, pair.native_id}
+    others = cpu_since(python_before, threads_cpu()[1], skip=probes) / elapsed
     wanted: float | None = None  # cores the pair ran on or queued for (Linux)
     if stat_before is not None and None not in stats:
         on_cpu = sum(s[0] for s in stats if s) - stat_before[0]
         queued = sum(s[1] for s in stats if s) - stat_before[1]
         evidence["contention"] = queued / max(on_cpu + queued, 1e-9)
-        wanted = (on_cpu + queued) / elapsed
-    gil_bound_small = per_task is not None and per_task < 2 * ship
+        wanted = (on_cpu + queued) / elapsed + others
+    gil_bound_small = task_cost is not None and task_cost < 2 * ship
     if before is None or after is None or other is None:
         # A probe thread ended early (the input ran out): use the chunks both
         # threads finished during the pair phase instead of the live clocks.
@@ -312,7 +325,8 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         )
     # Time queued for a CPU that other programs held is not waiting on IO:
     # judged by what the pair wanted, a busy machine does not look idle.
-    pair_waits = (wanted if wanted is not None else parallel) < PAIR_WAITING_BELOW
+    # Nor is the GIL the program's other Python threads held (``others``).
+    pair_waits = (wanted if wanted is not None else parallel + others) < PAIR_WAITING_BELOW
     quiet = (evidence.get("contention") or 0.0) < QUIET_BELOW
     if pair_waits and (ratio < ALONE_BUSY_ABOVE or quiet):
         # Alone it looked busy (a first task's imports and warm-up often do),

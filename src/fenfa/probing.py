@@ -17,7 +17,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from .batchloop import attach_traceback, caller, run_batch, stamped
@@ -92,8 +92,10 @@ class ProbeThread(threading.Thread):
         self._feed = feed
         self._job = job
         self.lock = threading.Lock()
-        # (end time, tasks, wall seconds, thread CPU seconds) per chunk
-        self.chunks: list[tuple[float, int, float, float]] = []
+        # (end time, tasks, wall seconds, seconds it wanted a CPU, seconds on
+        # one) per chunk: wanted counts time queued behind other programs too,
+        # so that a busy machine does not make computing look like waiting.
+        self.chunks: list[tuple[float, int, float, float, float]] = []
         self.sample: tuple[Any, Any] | None = None  # an input and its result
         self.ready = threading.Event()
         self.measured = threading.Event()  # enough finished tasks timed for the alone phase
@@ -126,13 +128,14 @@ class ProbeThread(threading.Thread):
             emit = stamped(pieces.append, self._job)
             ran = run_batch(call, start, items, emit, False, attach_traceback)
             end = time.perf_counter()
-            wall, cpu = end - begin, time.thread_time() - cpu
+            wall, on_cpu = end - begin, time.thread_time() - cpu
             after = wanted_cpu(self.native_id)
+            cpu = on_cpu
             if wants is not None and after is not None:
-                cpu = max(cpu, min(after - wants, wall))
+                cpu = max(on_cpu, min(after - wants, wall))
             batch.done = ran
             with self.lock:
-                self.chunks.append((end, ran, wall, cpu))
+                self.chunks.append((end, ran, wall, cpu, on_cpu))
                 if self.sample is None and pieces and hasattr(pieces[0], "values"):
                     self.sample = (items[0], pieces[0].values[0])
                 timed = sum(chunk[2] for chunk in self.chunks)
@@ -158,16 +161,21 @@ class ProbeThread(threading.Thread):
         except (OSError, AttributeError):
             return None
 
-    def chunks_after(self, moment: float) -> list[tuple[float, int, float, float]]:
+    def chunks_after(self, moment: float) -> list[tuple[float, int, float, float, float]]:
         """The chunks that started after ``moment``."""
         with self.lock:
             return [c for c in self.chunks if c[0] - c[2] >= moment]
 
-    def done_before(self, moment: float) -> tuple[int, float, float]:
-        """Tasks, wall and CPU seconds of the chunks that ended before ``moment``."""
+    def done_before(self, moment: float) -> tuple[int, float, float, float]:
+        """Tasks, wall, wanted-CPU and on-CPU seconds of the chunks that ended before ``moment``."""
         with self.lock:
             chunks = [c for c in self.chunks if c[0] <= moment]
-        return sum(c[1] for c in chunks), sum(c[2] for c in chunks), sum(c[3] for c in chunks)
+        return (
+            sum(c[1] for c in chunks),
+            sum(c[2] for c in chunks),
+            sum(c[3] for c in chunks),
+            sum(c[4] for c in chunks),
+        )
 
 
 def schedstat(native_id: int | None) -> tuple[float, float] | None:
@@ -180,25 +188,34 @@ def schedstat(native_id: int | None) -> tuple[float, float] | None:
     return int(on_cpu) / 1e9, int(queued) / 1e9
 
 
-def native_threads_cpu() -> dict[int, float]:
-    """CPU seconds of each thread of this process that Python did not start (Linux).
+def threads_cpu() -> tuple[dict[int, float], dict[int, float]]:
+    """CPU seconds of each thread of this process Python did not start, and of each it did (Linux).
 
-    Those are a library's own workers (OpenBLAS, MKL, OpenMP): if they burn
-    CPU while one task runs, the task is already parallel inside.
+    The first are a library's own workers (OpenBLAS, MKL, OpenMP): if they
+    burn CPU while one task runs, the task is already parallel inside. The
+    second are the program's other Python threads: CPU they used while a probe
+    thread ran was mostly time they held the GIL, which the probe thread spent
+    waiting for it, and that is not the task waiting.
     """
     ours = {thread.native_id for thread in threading.enumerate()}
-    seconds: dict[int, float] = {}
+    native: dict[int, float] = {}
+    python: dict[int, float] = {}
     try:
         tids = [int(name) for name in os.listdir("/proc/self/task")]
     except OSError:
-        return seconds
+        return native, python
     for tid in tids:
-        if tid in ours:
-            continue
         stat = schedstat(tid)
         if stat is not None:
-            seconds[tid] = stat[0]
-    return seconds
+            (python if tid in ours else native)[tid] = stat[0]
+    return native, python
+
+
+def cpu_since(
+    before: dict[int, float], after: dict[int, float], *, skip: Collection[int | None] = ()
+) -> float:
+    """CPU seconds the threads of ``after`` (but those in ``skip``) used since ``before``."""
+    return sum(seconds - before.get(tid, 0.0) for tid, seconds in after.items() if tid not in skip)
 
 
 def wanted_cpu(native_id: int | None) -> float | None:
