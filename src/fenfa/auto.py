@@ -209,7 +209,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     if cpu_alone is not None and alone.wanted_at_start is not None:
         cpu_alone -= alone.wanted_at_start
     cores = process_cpu / (middle - begin)
-    tasks, wall, cpu, on_cpu = alone.done_before(middle)
+    tasks, wall, cpu, busy = alone.done_before(middle)
     if cpu_alone is None:  # the thread already ended: all measured in chunks
         cpu_alone = cpu
     if tasks == 0:
@@ -217,9 +217,9 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     else:
         ratio = cpu / max(wall - others, cpu) if wall else 1.0
     per_task = wall / tasks if tasks else None
-    # What a task that computes costs, judged by its time on a CPU: on a busy
-    # machine the wall clock also counts the time other programs held it.
-    task_cost = min(wall, on_cpu / max(ratio, WAITING_BELOW)) / tasks if tasks else None
+    # What a task costs, less the time it was preempted: on a busy machine
+    # the wall clock also counts the time other programs held the CPU.
+    task_cost = busy / tasks if tasks else None
     per_cpu = cpu / tasks if tasks else None
     evidence: dict[str, Any] = {
         "task_seconds": per_task,
@@ -290,7 +290,7 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         on_cpu = sum(s[0] for s in stats if s) - stat_before[0]
         queued = sum(s[1] for s in stats if s) - stat_before[1]
         evidence["contention"] = queued / max(on_cpu + queued, 1e-9)
-        wanted = (on_cpu + queued) / elapsed + others
+        wanted = (on_cpu + queued) / elapsed
     gil_bound_small = task_cost is not None and task_cost < 2 * ship
     if before is None or after is None or other is None:
         # A probe thread ended early (the input ran out): use the chunks both
@@ -313,8 +313,13 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
             "threads, so auto chose processes, which run any computing task in parallel",
         )
     parallel = ((after - before) + other) / elapsed
-    slowdown = 2.0 / max(parallel, 1e-9)
     together = f"two copies on threads kept {parallel:.2f} cores busy together"
+    if wanted is not None and wanted > parallel + 0.1:
+        together += f" (and wanted {wanted:.2f}: other programs held the cores)"
+    # Two threads that both wanted a CPU all along (ran or queued for one)
+    # did not take turns on the GIL, even if other programs held the cores.
+    parallel = max(parallel, wanted or 0.0)
+    slowdown = 2.0 / max(parallel, 1e-9)
     if parallel > PARALLEL_ABOVE:
         return settle(
             "thread",
@@ -325,8 +330,11 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
         )
     # Time queued for a CPU that other programs held is not waiting on IO:
     # judged by what the pair wanted, a busy machine does not look idle.
-    # Nor is the GIL the program's other Python threads held (``others``).
-    pair_waits = (wanted if wanted is not None else parallel + others) < PAIR_WAITING_BELOW
+    # Nor is the GIL the program's other Python threads held (``others``): of
+    # two copies taking turns on it with them, each gets its share of what
+    # they leave, so the bar is lowered by as much.
+    free = max(0.0, 1.0 - others)
+    pair_waits = (wanted if wanted is not None else parallel) < PAIR_WAITING_BELOW * free
     quiet = (evidence.get("contention") or 0.0) < QUIET_BELOW
     if pair_waits and (ratio < ALONE_BUSY_ABOVE or quiet):
         # Alone it looked busy (a first task's imports and warm-up often do),

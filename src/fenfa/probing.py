@@ -92,9 +92,10 @@ class ProbeThread(threading.Thread):
         self._feed = feed
         self._job = job
         self.lock = threading.Lock()
-        # (end time, tasks, wall seconds, seconds it wanted a CPU, seconds on
-        # one) per chunk: wanted counts time queued behind other programs too,
-        # so that a busy machine does not make computing look like waiting.
+        # (end time, tasks, wall seconds, seconds it wanted a CPU, wall seconds
+        # less those queued) per chunk: wanted counts time queued behind other
+        # programs, so that a busy machine does not make computing look like
+        # waiting; the last leaves it out, so that it does not look slow.
         self.chunks: list[tuple[float, int, float, float, float]] = []
         self.sample: tuple[Any, Any] | None = None  # an input and its result
         self.ready = threading.Event()
@@ -123,26 +124,28 @@ class ProbeThread(threading.Thread):
             start, items = taken
             batch = Batch(self._job, start, items)
             pieces: list[Piece] = []
-            wants = wanted_cpu(self.native_id)
+            stat = schedstat(self.native_id)
             begin, cpu = time.perf_counter(), time.thread_time()
             emit = stamped(pieces.append, self._job)
             ran = run_batch(call, start, items, emit, False, attach_traceback)
             end = time.perf_counter()
             wall, on_cpu = end - begin, time.thread_time() - cpu
-            after = wanted_cpu(self.native_id)
-            cpu = on_cpu
-            if wants is not None and after is not None:
-                cpu = max(on_cpu, min(after - wants, wall))
+            after = schedstat(self.native_id)
+            cpu, busy = on_cpu, wall
+            if stat is not None and after is not None:
+                queued = after[1] - stat[1]
+                cpu = max(on_cpu, min(after[0] - stat[0] + queued, wall))
+                busy = max(on_cpu, wall - queued)
             batch.done = ran
             with self.lock:
-                self.chunks.append((end, ran, wall, cpu, on_cpu))
+                self.chunks.append((end, ran, wall, cpu, busy))
                 if self.sample is None and pieces and hasattr(pieces[0], "values"):
                     self.sample = (items[0], pieces[0].values[0])
                 timed = sum(chunk[2] for chunk in self.chunks)
                 if timed >= ALONE_ENOUGH_SECONDS and sum(c[1] for c in self.chunks) >= ALONE_TASKS:
                     self.measured.set()
             self._job.deliver(batch, pieces, wall)
-            if wall < CHUNK_SECONDS:
+            if busy < CHUNK_SECONDS:  # (preempted by other programs is not slow)
                 size = min(size * 2, MAX_PROBE_CHUNK)
 
     def wanted_clock(self) -> float | None:
@@ -167,7 +170,7 @@ class ProbeThread(threading.Thread):
             return [c for c in self.chunks if c[0] - c[2] >= moment]
 
     def done_before(self, moment: float) -> tuple[int, float, float, float]:
-        """Tasks, wall, wanted-CPU and on-CPU seconds of the chunks that ended before ``moment``."""
+        """Tasks, wall, wanted-CPU and unqueued seconds of the chunks that ended before ``moment``."""
         with self.lock:
             chunks = [c for c in self.chunks if c[0] <= moment]
         return (
