@@ -170,7 +170,7 @@ class ProbeThread(threading.Thread):
             return [c for c in self.chunks if c[0] - c[2] >= moment]
 
     def done_before(self, moment: float) -> tuple[int, float, float, float]:
-        """Tasks, wall, wanted-CPU and unqueued seconds of the chunks that ended before ``moment``."""
+        """Tasks, wall, wanted and unqueued seconds of the chunks that ended before ``moment``."""
         with self.lock:
             chunks = [c for c in self.chunks if c[0] <= moment]
         return (
