@@ -45,6 +45,8 @@ FSYNC = ("batch", "every")
 # journal_fsync="batch" syncs at most this often: an fdatasync took 2.6 ms on
 # this machine's disk, so a sync a second costs well under 1 % of a call.
 FSYNC_SECONDS = 1.0
+# Buffers one ``writev`` takes at most (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 _FRAME = struct.Struct("<2sBxQI")  # b"FJ", kind, length of the body, CRC32 of the body
 # A record: key, status, length of the pickle that follows (then the pickle).
 RECORD = struct.Struct("<16sBQ")
@@ -118,6 +120,7 @@ class Journal:
         self._bulk: tuple[int, list[Any], set[int]] | None = None  # the last bulk frame read
         self._dirty = self._new = False
         self._synced = time.monotonic()
+        self._held: list[bytes] = []  # bulk frames not yet written (see append_bulk)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._lock()
@@ -292,21 +295,36 @@ class Journal:
         if self._every or time.monotonic() - self._synced >= FSYNC_SECONDS:
             self.sync()
 
-    def append_bulk(self, head: bytes, values: bytes) -> None:
+    def append_bulk(self, head: bytes, values: bytes, *, hold: bool = False) -> None:
         """One batch whole, in one write: ``head`` pickles ``(star, inputs, failed indexes)``,
         ``values`` the results (a failure's packed exception in its place).
 
         What a fresh journal writes (:mod:`fenfa.journal_fast`): two pickles a
         batch instead of a key, a header and a pickle a task; the keys are
-        made when the journal is read back.
+        made when the journal is read back. With ``hold``, the frame waits for
+        :meth:`flush` (or the next write, or closing), to go with others in one.
         """
         body = _BULK_HEAD.pack(len(head)) + head + values
-        self._write(_FRAME.pack(b"FJ", _BULK, len(body), _crc(body)), body)
+        self._held += (_FRAME.pack(b"FJ", _BULK, len(body), _crc(body)), body)
+        if not hold:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held frames, in one write; sync if it is time to."""
+        if not self._held:
+            return
+        self._write()
         self._dirty = True
         if self._every or time.monotonic() - self._synced >= FSYNC_SECONDS:
             self.sync()
 
     def _write(self, *chunks: bytes) -> None:
+        if self._held:
+            chunks, self._held = (*self._held, *chunks), []
+        for at in range(0, len(chunks), _IOV_MAX):
+            self._write_all(chunks[at : at + _IOV_MAX])
+
+    def _write_all(self, chunks: tuple[bytes, ...]) -> None:
         written = os.writev(self._fd, chunks)
         if written < sum(map(len, chunks)):  # (a regular file takes it whole; but be sure)
             rest = memoryview(b"".join(chunks))[written:]
@@ -325,6 +343,7 @@ class Journal:
         if self._fd < 0:
             return
         try:
+            self.flush()
             if self._dirty:
                 self.sync()
         finally:

@@ -12,9 +12,8 @@ consumer, results waiting in the reorder buffer included: a slow first task
 in an ordered ``imap`` stops the input being pulled, instead of letting
 finished results pile up behind it.
 
-The run reaches its pool through :class:`~fenfa.pool_base.PoolBase` (the
-backend, ``_submit_batch``, ``insights``), which sits below this module;
-:class:`fenfa.Pool`, which makes runs, sits above it.
+The run reaches its pool through :class:`~fenfa.pool_base.PoolBase` (the backend,
+``_submit_batch``, ``insights``), below this module; :class:`fenfa.Pool`, which makes runs, above.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from .tasks import Batch, Job, Ok, Piece, Style
 if TYPE_CHECKING:
     from .backends import Backend
     from .insights import Insights
+    from .journal_fast import Witness
     from .pool_base import PoolBase
     from .speculation import Speculator
 
@@ -118,8 +118,8 @@ class Run:
             from .speculation import Speculator
 
             self._speculator = Speculator()
-        #: Called with (batch, start, values, failed) for each final outcome, as it comes.
-        self.witness: Callable[[Batch, int, list[Any], bool], None] | None = None
+        #: Told each final outcome as it comes; flushed once a report is absorbed.
+        self.witness: Witness | None = None
         self._recorder = recorder
         if recorder is not None:
             self._call = recorder.new_call()
@@ -290,6 +290,8 @@ class Run:
                 # the first failure in input order; nothing after it is needed.
                 self._put(index, 1, error)
                 self._exhausted = True
+        if self.witness is not None:
+            self.witness.flush()
         self._sizer.measured(busy, tasks)
 
     def _put(self, start: int, count: int, values: list[Any] | BaseException) -> None:
