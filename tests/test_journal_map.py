@@ -296,6 +296,26 @@ def test_imap_is_lazy_and_ordered_on_an_endless_input(tmp_path: Path, logs: Path
     assert min(executions(logs)[x] for x in range(60)) == 1
 
 
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_results_are_written_before_they_are_handed_out(backend: str, tmp_path: Path) -> None:
+    # A report's frames are written together once it is absorbed: never held
+    # back past the moment its results reach the caller.
+    empty = tmp_path / "empty.fenfa"
+    assert fenfa.map(abs, [], journal=empty) == []
+    header = journal_size(empty)  # a journal with no result in it
+    journal = tmp_path / "run.fenfa"
+    with fenfa.Pool(backend, 2) as pool:
+        stream = pool.imap(abs, endless(), journal=journal, window=64)
+        sizes = []
+        for _ in range(200):
+            next(stream)
+            sizes.append(journal_size(journal))
+        stream.close()
+    assert sizes[0] > header, "the first result was handed out before it was written"
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) > 1  # written as the call went, not all at once
+
+
 def test_option_mistakes_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="journal_fsync"):
         fenfa.map(abs, [1], journal=tmp_path / "j", journal_fsync="never", backend="serial")
