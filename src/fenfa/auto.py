@@ -23,7 +23,8 @@ on the call's own first tasks, whose results are kept (nothing runs twice):
 The program's other Python threads are accounted for: CPU they used while a
 probe thread ran was mostly the GIL the probe thread waited for, which is not
 the task waiting. And whether a task is too small to ship is judged by its
-time on a CPU, which other programs preempting it does not lengthen.
+time less the time it was queued for a CPU, which other programs preempting
+it does not lengthen.
 
 Then: a coroutine function goes to ``async``; a task that waits goes to
 ``thread``; one that computes with the GIL released goes to ``thread``; one
