@@ -30,7 +30,7 @@ again) or whose result cannot be recorded fails with a
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .errors import SerializationError, pack_failure
 from .journal_file import Journal, dumps
@@ -40,16 +40,7 @@ if TYPE_CHECKING:
     from .tasks import Batch
     from .window import Run
 
-__all__ = ["Witness", "fresh"]
-
-
-class Witness(Protocol):
-    """What a :class:`~fenfa.window.Run` tells of each final outcome as it comes."""
-
-    def __call__(self, batch: Batch, start: int, values: list[Any], failed: bool) -> None: ...
-
-    def flush(self) -> None:
-        """A report's outcomes were all told: record them before they are handed out."""
+__all__ = ["fresh"]
 
 
 class _Writer:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import short_repr
 from .tasks import Batch, Ok, Piece
@@ -29,7 +29,17 @@ if TYPE_CHECKING:
 #: One delivery from a backend: the batch, its pieces, the worker's busy time.
 Delivery = tuple[Batch, list[Piece], float]
 
-__all__ = ["Delivery", "Report", "annotate", "from_input", "next_report", "record"]
+
+class Witness(Protocol):
+    """Told each final outcome of a run as it comes (``journal=``: see fenfa.journal_fast)."""
+
+    def __call__(self, batch: Batch, start: int, values: list[Any], failed: bool) -> None: ...
+
+    def flush(self) -> None:
+        """A report's outcomes were all told: record them before they are handed out."""
+
+
+__all__ = ["Delivery", "Report", "Witness", "annotate", "from_input", "next_report", "record"]
 
 
 def annotate(exc: BaseException, index: int, item: Any, attempts: int) -> BaseException:

@@ -29,14 +29,13 @@ from .auto import Decision
 from .chunking import ChunkSizer
 from .deciding import Memory, conclude, decide
 from .options import CallOptions
-from .outcomes import Delivery, Report, annotate, from_input, next_report, record
+from .outcomes import Delivery, Report, Witness, annotate, from_input, next_report, record
 from .progress import Progress
 from .tasks import Batch, Job, Ok, Piece, Style
 
 if TYPE_CHECKING:
     from .backends import Backend
     from .insights import Insights
-    from .journal_fast import Witness
     from .pool_base import PoolBase
     from .speculation import Speculator
 
