@@ -214,8 +214,10 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     if cpu_alone is None:  # the thread already ended: all measured in chunks
         cpu_alone = cpu
     if tasks == 0:
+        raw = min(1.0, cpu_alone / max(middle - alone.began, 1e-9))
         ratio = min(1.0, cpu_alone / max(middle - alone.began - others, cpu_alone, 1e-9))
     else:
+        raw = cpu / wall if wall else 1.0
         ratio = cpu / max(wall - others, cpu) if wall else 1.0
     per_task = wall / tasks if tasks else None
     # What a task costs, less the time it was preempted: on a busy machine
@@ -334,7 +336,9 @@ def probe(job: Job, inputs: Iterator[Any], limit: int | None = None) -> tuple[De
     free = max(0.0, 1.0 - others)
     pair_waits = (wanted if wanted is not None else parallel) < PAIR_WAITING_BELOW * free
     quiet = (evidence.get("contention") or 0.0) < QUIET_BELOW
-    if pair_waits and (ratio < ALONE_BUSY_ABOVE or quiet):
+    # (Alone, by its own clock: the others' CPU is an upper bound on the GIL
+    # it waited for, and a task that sleeps beside a busy thread looked busy.)
+    if pair_waits and (raw < ALONE_BUSY_ABOVE or quiet):
         # Alone it looked busy (a first task's imports and warm-up often do),
         # but side by side the copies mostly wait: on IO, not on the GIL.
         return settle(
