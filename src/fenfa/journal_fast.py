@@ -64,7 +64,7 @@ class _Writer:
             self._one_by_one(start, items, values)
 
     def _write(self, items: list[Any], values: list[Any], failed: tuple[int, ...]) -> None:
-        self.journal.append_bulk(dumps((self.star, items, failed)), dumps(values), hold=True)
+        self.journal.append_bulk(dumps((self.star, items, failed)), dumps(values))
 
     def flush(self) -> None:
         # One write for a report's pieces (a process worker's batch comes back

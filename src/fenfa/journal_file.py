@@ -295,19 +295,17 @@ class Journal:
         if self._every or time.monotonic() - self._synced >= FSYNC_SECONDS:
             self.sync()
 
-    def append_bulk(self, head: bytes, values: bytes, *, hold: bool = False) -> None:
-        """One batch whole, in one write: ``head`` pickles ``(star, inputs, failed indexes)``,
+    def append_bulk(self, head: bytes, values: bytes) -> None:
+        """One batch whole, as one frame: ``head`` pickles ``(star, inputs, failed indexes)``,
         ``values`` the results (a failure's packed exception in its place).
 
         What a fresh journal writes (:mod:`fenfa.journal_fast`): two pickles a
         batch instead of a key, a header and a pickle a task; the keys are
-        made when the journal is read back. With ``hold``, the frame waits for
-        :meth:`flush` (or the next write, or closing), to go with others in one.
+        made when the journal is read back. The frame waits for :meth:`flush`
+        (or the next write, or closing), to go with others in one write.
         """
         body = _BULK_HEAD.pack(len(head)) + head + values
         self._held += (_FRAME.pack(b"FJ", _BULK, len(body), _crc(body)), body)
-        if not hold:
-            self.flush()
 
     def flush(self) -> None:
         """Write the held frames, in one write; sync if it is time to."""
